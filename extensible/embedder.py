@@ -1,0 +1,163 @@
+"""The extensible embedder: the first N layers of the downstream LLM, run on each chunk on its own.
+
+It is the LLM's own decoder class (``AutoModel.from_config`` with fewer layers, no patched modeling code). Its
+token embedding table is the LLM's own, shared and frozen. The decoder's final RMSNorm becomes the output norm: it
+is initialised to the RMS of the token embeddings so that the outputs start at the scale the LLM expects from its
+inputs, and it is trained with the rest.
+
+A plug-in checkpoint (``save_pretrained``) holds only the tensors that train -- every layer for full fine-tuning,
+the LoRA matrices for LoRA, and the output norm -- plus a JSON config with the base LLM's fingerprint. Loading
+rebuilds the embedder from the LLM in hand and refuses an incompatible one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+
+from .errors import IncompatiblePluginError, UserError
+from .models import base_fingerprint, fingerprint_mismatch
+
+CONFIG_NAME = "extensible_config.json"
+WEIGHTS_NAME = "embedder.safetensors"
+SCHEMA_VERSION = 1
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class EmbedderConfig:
+    num_layers: int = 8
+    chunk_size: int = 512
+    train_ks: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    downscale: str = "strided"
+    lora_rank: int | None = None  # None: full fine-tuning of the N layers
+    lora_alpha: int | None = None
+    base: dict = field(default_factory=dict)  # fingerprint of the base LLM, filled in by from_llm
+    base_name: str = ""
+    trained_steps: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EmbedderConfig:
+        # Forward compatible: keys from a newer schema are ignored rather than fatal.
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def _token_embedding_rms(llm: PreTrainedModel) -> float:
+    weight = llm.get_input_embeddings().weight
+    return weight.detach().float().pow(2).mean().sqrt().item()
+
+
+class ExtensibleEmbedder(nn.Module):
+    def __init__(self, body: PreTrainedModel, config: EmbedderConfig):
+        super().__init__()
+        self.body = body
+        self.config = config
+
+    @classmethod
+    def from_llm(cls, llm: PreTrainedModel, tokenizer, config: EmbedderConfig | None = None) -> ExtensibleEmbedder:
+        """A fresh (untrained) embedder: a copy of the LLM's first ``num_layers`` layers."""
+        config = copy.deepcopy(config) if config is not None else EmbedderConfig()
+        total = llm.config.num_hidden_layers
+        if not 1 <= config.num_layers <= total:
+            raise UserError(f"the embedder needs 1..{total} layers of this LLM, got {config.num_layers}")
+        config.base = base_fingerprint(llm, tokenizer)
+        config.base_name = str(getattr(llm.config, "name_or_path", "") or "")
+
+        body_config = copy.deepcopy(llm.config)
+        body_config.num_hidden_layers = config.num_layers
+        if getattr(body_config, "layer_types", None):
+            body_config.layer_types = body_config.layer_types[: config.num_layers]
+        dtype = llm.get_input_embeddings().weight.dtype
+        body = AutoModel.from_config(body_config, dtype=dtype, attn_implementation=llm.config._attn_implementation)
+        decoder = llm.get_decoder()
+        for mine, theirs in zip(body.layers, decoder.layers):
+            mine.load_state_dict(theirs.state_dict())
+        body.set_input_embeddings(llm.get_input_embeddings())  # shared with the LLM, frozen
+        with torch.no_grad():
+            body.norm.weight.fill_(_token_embedding_rms(llm))
+        body.to(llm.device)
+
+        embedder = cls(body, config)
+        if config.lora_rank:
+            inject_adapter_in_model(
+                LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+                           target_modules=list(LORA_TARGETS), lora_dropout=0.0),
+                body,
+            )
+            body.to(llm.device)
+        embedder._set_trainable()
+        return embedder
+
+    def _set_trainable(self) -> None:
+        for name, param in self.body.named_parameters():
+            if name.startswith("embed_tokens."):
+                param.requires_grad_(False)  # the LLM's own table: frozen
+            elif self.config.lora_rank:
+                param.requires_grad_("lora_" in name or name.startswith("norm."))
+            else:
+                param.requires_grad_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.body.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.body.norm.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, L] token ids of chunks -> [batch, L, hidden] output embeddings (o_j sees tokens 1..j)."""
+        return self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach() for name, param in self.body.named_parameters() if param.requires_grad}
+
+    def num_trainable(self) -> int:
+        return sum(t.numel() for t in self.trainable_state_dict().values())
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Writes extensible_config.json and embedder.safetensors (the trainable tensors only)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.contiguous().clone().cpu() for name, t in self.trainable_state_dict().items()}
+        save_file(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, llm: PreTrainedModel, tokenizer) -> ExtensibleEmbedder:
+        path = Path(path)
+        if not (path / CONFIG_NAME).exists() or not (path / WEIGHTS_NAME).exists():
+            raise UserError(f"{path} is not an extensible-embedding plug-in (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        config = EmbedderConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        if config.schema_version > SCHEMA_VERSION:
+            raise UserError(f"{path} uses plug-in schema {config.schema_version}; upgrade extensible-embedding")
+        problems = fingerprint_mismatch(config.base, base_fingerprint(llm, tokenizer))
+        if problems:
+            raise IncompatiblePluginError(
+                f"plug-in {path} was trained for another LLM ({config.base_name or 'unknown'}): " + "; ".join(problems)
+            )
+        embedder = cls.from_llm(llm, tokenizer, config)
+        expected = embedder.trainable_state_dict()
+        stored = load_file(path / WEIGHTS_NAME, device=str(embedder.device))
+        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        if missing or unexpected:  # never run a half-loaded plug-in silently
+            raise UserError(f"plug-in {path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for name, param in embedder.body.named_parameters():
+                if name in stored:
+                    if stored[name].shape != param.shape:
+                        raise UserError(f"plug-in {path}: {name} has shape {tuple(stored[name].shape)}, expected {tuple(param.shape)}")
+                    param.copy_(stored[name])
+        embedder.config = config
+        return embedder

@@ -1,0 +1,1 @@
+"""Thin entry points: the extemb CLI, Make targets and Ray jobs. No logic lives here."""

@@ -1,0 +1,131 @@
+"""extemb: one command line for the library. Each subcommand parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from extensible.errors import UserError
+
+
+def _k(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"k must be an integer >= 1 or 'auto', got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"k must be an integer >= 1, got {k}")
+    return k
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF causal LM path or id (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--plugin", help="plug-in folder (default: the shipped plug-in for the model, if any)")
+    parser.add_argument("--untrained", action="store_true", help="ignore shipped plug-ins: a fresh copy of the layers")
+    parser.add_argument("--window", type=_positive, default=1024, help="the LLM's window in tokens (default 1024)")
+    parser.add_argument("--chunk", type=_positive, default=None, help="chunk length (default: the plug-in's, 512)")
+    parser.add_argument("--method", default=None, help="down-scaling: strided (default), terminal, random, mean")
+    parser.add_argument("--policy", default="session", help="session (paper, default) or sliding")
+
+
+def _runtime(args):
+    from extensible.plugins import load_extensible
+
+    return load_extensible(args.model, args.plugin, window=args.window, chunk_size=args.chunk,
+                           untrained=args.untrained, method=args.method, policy=args.policy)
+
+
+def _resolve_k(lm, k, n_tokens: int) -> int:
+    from extensible.layout import smallest_k
+
+    if k != "auto":
+        return k
+    chosen = smallest_k(n_tokens, lm.window, lm.chunk_size, lm.policy)
+    if chosen is None:
+        raise UserError(f"{n_tokens} tokens do not fit window {lm.window} at any k; raise --window")
+    return chosen
+
+
+def cmd_ppl(args) -> None:
+    from extensible.evaluate import tail_perplexity
+    from extensible.text import read_text, tokenize
+
+    if args.window <= args.tail:
+        raise UserError(f"--window ({args.window}) must be larger than --tail ({args.tail}): the target must fit")
+    text = read_text(args.file)
+    lm = _runtime(args)
+    ids = tokenize(lm.tokenizer, text)
+    k = _resolve_k(lm, args.k, min(len(ids), args.context + args.tail) if args.context else len(ids))
+    rows = tail_perplexity(lm, ids, k, tail=args.tail, context=args.context)
+    print(f"{args.file}: {len(ids)} tokens; scoring the last {args.tail} given {rows[0]['context']} tokens of context "
+          f"(window {lm.window}, chunk {lm.chunk_size})")
+    for row in rows:
+        print(f"  {row['method']:<10} ppl {row['ppl']:8.3f}   {row['seconds']:6.1f} s")
+    if args.json:
+        print(json.dumps(rows))
+
+
+def cmd_generate(args) -> None:
+    from extensible.text import chat_tokens, read_text
+
+    text = read_text(args.file)
+    lm = _runtime(args)
+    ids = chat_tokens(lm.tokenizer, text, args.prompt)
+    k = _resolve_k(lm, args.k, len(ids) + args.max_new_tokens)
+    new = lm.generate(ids, k, max_new_tokens=args.max_new_tokens)
+    answer = lm.tokenizer.decode(new, skip_special_tokens=True).strip()
+    if args.json:
+        print(json.dumps({"answer": answer, "k": k, "input_tokens": len(ids), "new_tokens": len(new)}))
+    else:
+        print(f"[{len(ids)} input tokens, k={k}, window {lm.window}]")
+        print(answer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extemb", description="Extensible embeddings for a frozen short-window LLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ppl = sub.add_parser("ppl", help="perplexity of a file's last tokens: window-only vs extensible embeddings")
+    ppl.add_argument("file")
+    ppl.add_argument("--k", type=_k, default=16, help="down-scaling factor, or 'auto' (smallest that fits)")
+    ppl.add_argument("--tail", type=_positive, default=512, help="tokens scored at the end of the file")
+    ppl.add_argument("--context", type=_positive, default=None, help="context tokens before the tail (default: all that fit)")
+    ppl.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    _model_args(ppl)
+    ppl.set_defaults(func=cmd_ppl)
+
+    gen = sub.add_parser("generate", help="answer a prompt about a long file")
+    gen.add_argument("file")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--k", type=_k, default="auto", help="down-scaling factor, or 'auto' (default)")
+    gen.add_argument("--max-new-tokens", type=_positive, default=64)
+    gen.add_argument("--json", action="store_true")
+    _model_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="extemb: %(message)s")
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"extemb: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

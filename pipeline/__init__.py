@@ -1,0 +1,1 @@
+"""The offline precompute pipeline: corpus -> chunks -> embedder -> storage (Ray Data jobs)."""

@@ -1,0 +1,1 @@
+"""Retrieval and QA over the stored library, and the LangChain integration."""

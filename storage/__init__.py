@@ -1,0 +1,1 @@
+"""The stored library: Zarr arrays of full-resolution output embeddings and a Parquet manifest."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .errors import UserError
 
@@ -78,6 +80,18 @@ def embedded_checkpoint(progress: bool = True) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-tensor progress bar for a load that takes a second; it would bury the output of short commands."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
     """The downstream LLM never trains: no parameter requires grad, dropout off."""
     model.requires_grad_(False)
@@ -97,13 +111,15 @@ def load_llm(
     ``None`` gives the embedded SmolLM2-135M-Instruct; otherwise any HF causal LM path or hub id.
     """
     path = embedded_checkpoint(progress) if name_or_path is None else name_or_path
-    if name_or_path is not None and isinstance(path, (str, os.PathLike)) and str(path).startswith((".", "/")):
-        if not Path(path).exists():
-            raise UserError(f"no model at {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation or _default_attention()
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn_implementation or _default_attention()
+            )
+    except OSError as err:  # no such folder, or a hub id that cannot be reached from here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the LLM {name_or_path!s}: {reason}") from None
     model.to(device or default_device())
     return freeze(model), tokenizer
 

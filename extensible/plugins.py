@@ -36,10 +36,16 @@ def load_embedder(llm, tokenizer, plugin: str | Path | None = None, config: Embe
 
 
 def load_extensible(model: str | None = None, plugin: str | Path | None = None, window: int | None = None,
-                    chunk_size: int | None = None, untrained: bool = False, **runtime_kwargs) -> ExtensibleLM:
-    """One call from names to a ready runtime: the frozen LLM, its embedder, and the window."""
+                    chunk_size: int | None = None, untrained: bool = False, num_layers: int | None = None,
+                    **runtime_kwargs) -> ExtensibleLM:
+    """One call from names to a ready runtime: the frozen LLM, its embedder, and the window.
+
+    ``num_layers`` and ``chunk_size`` shape a fresh embedder; ``chunk_size`` also overrides a plug-in's.
+    """
     llm, tokenizer = load_llm(model)
-    config = EmbedderConfig(chunk_size=chunk_size) if chunk_size else None
+    config = EmbedderConfig()
+    config.num_layers = num_layers or config.num_layers
+    config.chunk_size = chunk_size or config.chunk_size
     embedder = load_embedder(llm, tokenizer, plugin, config, untrained)
     if chunk_size and chunk_size != embedder.config.chunk_size:
         embedder.config.chunk_size = chunk_size  # inference may use another chunk length than training did

@@ -261,8 +261,9 @@ class OnlineSession:
             i += 1
             self._compress(self.layout.compressed_chunks(self.seen))
             self.cache = None
-            raw = torch.tensor(self.raw, dtype=torch.long)
-            self.next_logprobs = self._run(inputs_embeds=self.lm.inputs_embeds(self.ex, raw), keep=1)[-1]
+            embeds = self.lm.inputs_embeds(self.ex, torch.tensor(self.raw, dtype=torch.long))
+            for start in range(0, embeds.shape[1], self.block):  # in blocks: attention memory stays block x window
+                self.next_logprobs = self._run(inputs_embeds=embeds[:, start : start + self.block], keep=1)[-1]
         return torch.cat(result) if result else torch.zeros(0)
 
     def _take(self, token: int) -> torch.Tensor:

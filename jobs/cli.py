@@ -35,6 +35,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--untrained", action="store_true", help="ignore shipped plug-ins: a fresh copy of the layers")
     parser.add_argument("--window", type=_positive, default=1024, help="the LLM's window in tokens (default 1024)")
     parser.add_argument("--chunk", type=_positive, default=None, help="chunk length (default: the plug-in's, 512)")
+    parser.add_argument("--layers", type=_positive, default=None, help="layers of a fresh embedder (default 8)")
     parser.add_argument("--method", default=None, help="down-scaling: strided (default), terminal, random, mean")
     parser.add_argument("--policy", default="session", help="session (paper, default) or sliding")
 
@@ -43,7 +44,7 @@ def _runtime(args):
     from extensible.plugins import load_extensible
 
     return load_extensible(args.model, args.plugin, window=args.window, chunk_size=args.chunk,
-                           untrained=args.untrained, method=args.method, policy=args.policy)
+                           untrained=args.untrained, num_layers=args.layers, method=args.method, policy=args.policy)
 
 
 def _resolve_k(lm, k, n_tokens: int) -> int:

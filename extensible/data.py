@@ -1,0 +1,97 @@
+"""Training text: folders of .txt/.md, .jsonl or Parquet files with a text column, tokenised and packed."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def expand_sources(sources: list[str]) -> list[Path]:
+    """Files named by paths, folders (their .txt/.md/.jsonl/.parquet files) and glob patterns, sorted."""
+    files: list[Path] = []
+    for source in sources:
+        matches = [Path(m) for m in sorted(glob.glob(source))] or [Path(source)]
+        for match in matches:
+            if match.is_dir():
+                files += sorted(p for p in match.rglob("*") if p.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet"))
+            elif match.is_file():
+                files.append(match)
+    if not files:
+        raise UserError(f"no files match {' '.join(sources)}")
+    return files
+
+
+def iter_documents(files: list[Path], text_column: str = "text") -> Iterator[tuple[str, str]]:
+    """(document id, text) for every non-empty UTF-8 document; unreadable files are skipped with a reason."""
+    for path in files:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8", errors="strict") as handle:
+                for line_number, line in enumerate(handle):
+                    if line.strip():
+                        text = json.loads(line).get(text_column) or ""
+                        if text.strip():
+                            yield f"{path}:{line_number}", text
+        elif path.suffix == ".parquet":
+            table = pq.read_table(path, columns=[text_column])
+            for row, text in enumerate(table.column(text_column).to_pylist()):
+                if text and text.strip():
+                    yield f"{path}:{row}", text
+        else:
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if text.strip():
+                yield str(path), text
+
+
+class PackedTokens:
+    """All documents' tokens in one stream (an EOS between documents), cut into samples of ``sample_tokens``.
+
+    The stream is cached as a .npy file keyed by the files, their sizes and the tokenizer, so a resumed run reads
+    exactly the same samples.
+    """
+
+    def __init__(self, tokenizer, sources: list[str], sample_tokens: int, cache_dir: Path,
+                 exclude: tuple[str, ...] = (), text_column: str = "text", progress: bool = True):
+        files = [f for f in expand_sources(sources) if not any(name in f.name for name in exclude)]
+        key = hashlib.sha256(json.dumps(
+            [[str(f), f.stat().st_size] for f in files] + [tokenizer.name_or_path, len(tokenizer), text_column]
+        ).encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / f"tokens-{key}.npy"
+        if cache.exists():
+            self.tokens = np.load(cache, mmap_mode="r")
+        else:
+            eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+            parts = []
+            for _, text in tqdm(list(iter_documents(files, text_column)), desc="tokenising", disable=not progress):
+                parts += [np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32), [eos]]
+            if not parts:
+                raise UserError(f"no usable text in {' '.join(sources)} (empty, binary or non-UTF-8 files)")
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npy")
+            np.save(tmp, np.concatenate(parts).astype(np.int32))
+            tmp.replace(cache)
+            self.tokens = np.load(cache, mmap_mode="r")
+        self.files = files
+        self.sample_tokens = sample_tokens
+        if len(self) == 0:
+            raise UserError(f"{len(self.tokens)} tokens of text: fewer than one {sample_tokens}-token sample")
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.sample_tokens
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        start = index * self.sample_tokens
+        return np.asarray(self.tokens[start : start + self.sample_tokens], dtype=np.int64)

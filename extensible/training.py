@@ -1,0 +1,271 @@
+"""Two-stream auto-regressive training of the extensible embedder on a frozen LLM.
+
+Each sample of ``sample_tokens`` is cut into chunks of ``chunk_size``. Pass 1 runs the embedder on every chunk and
+down-scales each chunk's outputs by the sample's k (drawn from ``ks``). Pass 2 predicts every token of chunk i > 0
+from the extensible embeddings of chunks < i followed by the tokens of chunk i before it -- all chunks of all samples
+as one right-padded batch through the frozen LLM, with logits only where the loss is taken.
+
+Ablation objectives (``objective``): ``autoencode`` (chunk i's tokens from its own embeddings) and ``continuation``
+(only the last chunk, from the embeddings of all earlier ones). The loop is nanoGPT-shaped: one readable function,
+checkpoints with exact resume (plug-in tensors, optimizer, scheduler, RNG, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .data import PackedTokens
+from .downscale import downscale_chunk
+from .embedder import WEIGHTS_NAME, EmbedderConfig, ExtensibleEmbedder
+from .errors import UserError
+from .models import load_llm
+
+OBJECTIVES = ("ar", "autoencode", "continuation")
+# A resume must agree on these; the rest (steps, save/eval cadence) may change between runs.
+SHAPE_FIELDS = ("model", "data", "exclude", "num_layers", "lora_rank", "chunk_size", "sample_tokens", "ks",
+                "objective", "downscale", "lr", "warmup", "batch_size", "grad_accum", "seed", "weight_decay")
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str = "runs/embedder"
+    model: str | None = None
+    exclude: list[str] = field(default_factory=list)  # file-name fragments held out of training
+    num_layers: int = 8
+    lora_rank: int | None = None
+    chunk_size: int = 256
+    sample_tokens: int = 2048
+    ks: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    objective: str = "ar"
+    downscale: str = "strided"
+    lr: float = 1e-4
+    warmup: int = 0
+    weight_decay: float = 0.0
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    save_every: int = 25
+    log_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.sample_tokens % self.chunk_size or self.sample_tokens < 2 * self.chunk_size:
+            raise UserError(f"--sample-tokens ({self.sample_tokens}) must be a multiple of --chunk "
+                            f"({self.chunk_size}) holding at least two chunks")
+        if any(k < 1 or k > self.chunk_size for k in self.ks):
+            raise UserError(f"every k must be in 1..{self.chunk_size}, got {self.ks}")
+
+
+def pass_two_batch(embedder_outputs: torch.Tensor, token_embeds: torch.Tensor, ids: torch.Tensor, ks: list[int],
+                   objective: str, method: str):
+    """Builds pass 2: (inputs_embeds [N, T, H], attention_mask [N, T], loss positions, target ids).
+
+    ``embedder_outputs``/``token_embeds``: [B, n, C, H]; ``ids``: [B, n, C]. The logit at a loss position predicts
+    the target token; the first token of a chunk is predicted from the last extensible embedding before it.
+    """
+    batch, n, size, _ = embedder_outputs.shape
+    sequences, targets = [], []
+    for b in range(batch):
+        ex = [downscale_chunk(embedder_outputs[b, i], ks[b], method, chunk_index=i) for i in range(n)]
+        if objective == "ar":
+            pairs = [(torch.cat(ex[:i]), i) for i in range(1, n)]
+        elif objective == "continuation":
+            pairs = [(torch.cat(ex[: n - 1]), n - 1)]
+        else:  # autoencode
+            pairs = [(ex[i], i) for i in range(n)]
+        for context, i in pairs:
+            sequences.append((context, token_embeds[b, i, :-1]))  # the chunk's last token is never an input
+            targets.append(ids[b, i])
+    length = max(len(ctx) + len(tok) for ctx, tok in sequences)
+    hidden = embedder_outputs.shape[-1]
+    inputs = token_embeds.new_zeros((len(sequences), length, hidden))
+    mask = torch.zeros((len(sequences), length), dtype=torch.long, device=inputs.device)
+    rows, cols = [], []
+    for row, (context, tokens) in enumerate(sequences):
+        m = len(context)
+        inputs[row, :m] = context.to(inputs.dtype)
+        inputs[row, m : m + len(tokens)] = tokens
+        mask[row, : m + len(tokens)] = 1
+        rows.append(torch.full((size,), row))
+        cols.append(torch.arange(m - 1, m - 1 + size))
+    return inputs, mask, (torch.cat(rows), torch.cat(cols)), torch.cat(targets)
+
+
+def two_stream_loss(llm, embedder: ExtensibleEmbedder, ids: torch.Tensor, ks: list[int], chunk_size: int,
+                    objective: str = "ar", method: str = "strided") -> torch.Tensor:
+    """Mean next-token loss of pass 2 for a batch of samples ``ids`` [B, S] with one k per sample."""
+    batch, total = ids.shape
+    n = total // chunk_size
+    chunks = ids.view(batch, n, chunk_size)
+    outputs = embedder(chunks.reshape(batch * n, chunk_size)).view(batch, n, chunk_size, -1)
+    token_embeds = llm.get_input_embeddings()(chunks)
+    inputs, mask, (rows, cols), targets = pass_two_batch(outputs.to(token_embeds.dtype), token_embeds, chunks, ks,
+                                                          objective, method)
+    hidden = llm.get_decoder()(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+    logits = llm.get_output_embeddings()(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+    return F.cross_entropy(logits.float(), targets.to(logits.device))
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def sample_order(n_samples: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_samples)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        self.config = config
+        self.out = Path(config.out)
+        self.progress = progress
+        self.accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=config.grad_accum)
+        self.llm, self.tokenizer = load_llm(config.model, device=self.accelerator.device, progress=progress)
+        if config.gradient_checkpointing:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.embedder = ExtensibleEmbedder.from_llm(self.llm, self.tokenizer, EmbedderConfig(
+            num_layers=config.num_layers, chunk_size=config.chunk_size, train_ks=list(config.ks),
+            downscale=config.downscale, lora_rank=config.lora_rank))
+        for param in self.embedder.parameters():  # fp32 master weights; bf16 compute under autocast
+            if param.requires_grad:
+                param.data = param.data.float()
+        self.data = PackedTokens(self.tokenizer, config.data, config.sample_tokens, self.out / "cache",
+                                 exclude=tuple(config.exclude), progress=progress)
+        trainable = [p for p in self.embedder.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup, config.steps)
+        self.embedder, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.embedder, self.optimizer, self.scheduler)
+        self.step = 0
+        self.samples_seen = 0
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    @property
+    def latest(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save(self) -> None:
+        """Atomic: written beside, then renamed over the previous checkpoint."""
+        if not self.accelerator.is_main_process:
+            return
+        tmp = self.out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        embedder = self.accelerator.unwrap_model(self.embedder)
+        embedder.config.trained_steps = self.step
+        embedder.save_pretrained(tmp / "plugin")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": self.step, "samples_seen": self.samples_seen, "rng": _rng_state()}, tmp / "state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        old = self.out / "checkpoint.old"
+        if self.latest.exists():
+            self.latest.rename(old)
+        tmp.rename(self.latest)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> bool:
+        if not self.latest.exists():
+            return False
+        saved = json.loads((self.latest / "train_config.json").read_text())
+        mine = asdict(self.config)
+        changed = [f"{key}: {saved.get(key)!r} -> {mine[key]!r}" for key in SHAPE_FIELDS if saved.get(key) != mine[key]]
+        if changed:
+            raise UserError(f"{self.latest} belongs to another configuration ({'; '.join(changed)}); "
+                            "use another --out or the same settings")
+        embedder = self.accelerator.unwrap_model(self.embedder)
+        stored = load_file(self.latest / "plugin" / WEIGHTS_NAME)
+        trainable = {name: p for name, p in embedder.body.named_parameters() if p.requires_grad}
+        if set(stored) != set(trainable):
+            raise UserError(f"{self.latest} does not hold this embedder's tensors; use another --out")
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(stored[name])
+        state = torch.load(self.latest / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        _set_rng_state(state["rng"])
+        return True
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+
+    def next_batch(self) -> tuple[torch.Tensor, list[int]]:
+        config, world = self.config, self.accelerator.num_processes
+        rows = []
+        for _ in range(config.batch_size):
+            global_index = self.samples_seen * world + self.accelerator.process_index  # shard by rank
+            epoch, position = divmod(global_index, len(self.data))
+            rows.append(self.data[int(sample_order(len(self.data), config.seed, epoch)[position])])
+            self.samples_seen += 1
+        ks = [random.choice(config.ks) for _ in rows]
+        return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks
+
+    def train(self) -> dict:
+        from torch.utils.tensorboard import SummaryWriter
+
+        config = self.config
+        resumed = self.resume()
+        writer = SummaryWriter(self.out / "tb") if self.accelerator.is_main_process else None
+        bar = tqdm(total=config.steps, initial=self.step, desc="training", disable=not self.progress)
+        if resumed:
+            bar.write(f"resumed from step {self.step} ({self.samples_seen} samples seen)")
+        llm = self.llm
+        tokens_per_step = config.batch_size * config.grad_accum * config.sample_tokens * self.accelerator.num_processes
+        last = {}
+        while self.step < config.steps:
+            start = time.perf_counter()
+            total = 0.0
+            for _ in range(config.grad_accum):
+                ids, ks = self.next_batch()
+                with self.accelerator.accumulate(self.embedder), self.accelerator.autocast():
+                    loss = two_stream_loss(llm, self.embedder, ids, ks, config.chunk_size, config.objective,
+                                           config.downscale)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients and config.grad_clip:
+                        self.accelerator.clip_grad_norm_(self.embedder.parameters(), config.grad_clip)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                total += loss.item() / config.grad_accum
+            self.step += 1
+            seconds = time.perf_counter() - start
+            last = {"loss": total, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds}
+            if writer is not None and self.step % config.log_every == 0:
+                for name, value in last.items():
+                    writer.add_scalar(f"train/{name}", value, self.step)
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            bar.update()
+            if self.step % config.save_every == 0 or self.step == config.steps:
+                self.save()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        assert not any(p.requires_grad for p in llm.parameters()), "the downstream LLM must stay frozen"
+        return {"step": self.step, **last}

@@ -1,0 +1,58 @@
+"""make train / python -m jobs.train: two-stream AR training of the embedder. Runs under `accelerate launch` too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from extensible.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from extensible.training import OBJECTIVES
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", nargs="+", required=True, help="folders, files or globs: .txt/.md, .jsonl, .parquet")
+    p.add_argument("--exclude", nargs="*", default=[], help="file-name fragments held out (evaluation books)")
+    p.add_argument("--out", default="runs/embedder")
+    p.add_argument("--model", default=None, help="HF causal LM (default: the embedded SmolLM2)")
+    p.add_argument("--layers", dest="num_layers", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: full fine-tuning)")
+    p.add_argument("--chunk", dest="chunk_size", type=int, default=256)
+    p.add_argument("--sample-tokens", type=int, default=2048)
+    p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument("--objective", choices=OBJECTIVES, default="ar")
+    p.add_argument("--downscale", default="strided", help="strided, terminal, random or mean")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export", default=None, help="after training, copy the plug-in here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from extensible.training import TrainConfig, Trainer
+
+    args = vars(build_parser().parse_args(argv))
+    export = args.pop("export")
+    try:
+        trainer = Trainer(TrainConfig(**args))
+        summary = trainer.train()
+        if export:
+            trainer.accelerator.unwrap_model(trainer.embedder).save_pretrained(export)
+    except UserError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

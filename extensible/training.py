@@ -227,7 +227,8 @@ class Trainer:
         ks = [random.choice(config.ks) for _ in rows]
         return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks
 
-    def train(self) -> dict:
+    def train(self, until: int | None = None, max_minutes: float | None = None) -> dict:
+        """Trains to ``config.steps``; stops early (with a checkpoint) at step ``until`` or after ``max_minutes``."""
         from torch.utils.tensorboard import SummaryWriter
 
         config = self.config
@@ -239,7 +240,9 @@ class Trainer:
         llm = self.llm
         tokens_per_step = config.batch_size * config.grad_accum * config.sample_tokens * self.accelerator.num_processes
         last = {}
-        while self.step < config.steps:
+        stop_at = min(config.steps, until or config.steps)
+        deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
+        while self.step < stop_at:
             start = time.perf_counter()
             total = 0.0
             for _ in range(config.grad_accum):
@@ -262,8 +265,12 @@ class Trainer:
                     writer.add_scalar(f"train/{name}", value, self.step)
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             bar.update()
-            if self.step % config.save_every == 0 or self.step == config.steps:
+            out_of_time = time.monotonic() > deadline
+            if self.step % config.save_every == 0 or self.step == stop_at or out_of_time:
                 self.save()
+            if out_of_time:
+                bar.write(f"stopping at step {self.step}: --max-minutes reached; rerun the same command to resume")
+                break
         bar.close()
         if writer is not None:
             writer.close()

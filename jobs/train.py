@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpointed) after this long")
     p.add_argument("--export", default=None, help="after training, copy the plug-in here")
     return p
 
@@ -41,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     from extensible.training import TrainConfig, Trainer
 
     args = vars(build_parser().parse_args(argv))
-    export = args.pop("export")
+    export, max_minutes = args.pop("export"), args.pop("max_minutes")
     try:
         trainer = Trainer(TrainConfig(**args))
-        summary = trainer.train()
+        summary = trainer.train(max_minutes=max_minutes)
         if export:
             trainer.accelerator.unwrap_model(trainer.embedder).save_pretrained(export)
     except UserError as err:

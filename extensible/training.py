@@ -117,9 +117,11 @@ def two_stream_loss(llm, embedder: ExtensibleEmbedder, ids: torch.Tensor, ks: li
     chunks = ids.view(batch, n, chunk_size)
     outputs = embedder(chunks.reshape(batch * n, chunk_size)).view(batch, n, chunk_size, -1)
     token_embeds = llm.get_input_embeddings()(chunks)
-    inputs, mask, (rows, cols), targets = pass_two_batch(outputs.to(token_embeds.dtype), token_embeds, chunks, ks,
+    inputs, _, (rows, cols), targets = pass_two_batch(outputs.to(token_embeds.dtype), token_embeds, chunks, ks,
                                                           objective, method)
-    hidden = llm.get_decoder()(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+    # Right padding under a causal mask: no real position ever sees a pad, so no padding mask is needed, and
+    # attention keeps the fast causal kernel instead of the masked one.
+    hidden = llm.get_decoder()(inputs_embeds=inputs, use_cache=False).last_hidden_state
     logits = llm.get_output_embeddings()(hidden[rows.to(hidden.device), cols.to(hidden.device)])
     return F.cross_entropy(logits.float(), targets.to(logits.device))
 

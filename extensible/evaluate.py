@@ -1,13 +1,227 @@
-"""Perplexity of a document's tail: window-only context against extensible embeddings."""
+"""The perplexity protocol: score the last ``tail`` tokens of a document given ``context`` tokens before them.
+
+Methods, all on the same samples:
+
+* ``window``: the LLM alone on the last ``window`` tokens;
+* ``full``: all context + tail tokens at once (only where they fit the LLM's positions);
+* ``streaming``: StreamingLLM -- 4 attention-sink tokens (the sample's first) + the most recent tokens;
+* ``pi`` / ``ntk``: full attention with RoPE position interpolation (linear) or dynamic NTK scaling, through
+  transformers' ``rope_parameters``, stretched to the sample length;
+* ``ext:K``: extensible embeddings at a fixed k; ``ext:adaptive``: the smallest k that fits the window.
+
+Samples are spans of ``context + tail`` tokens at offsets drawn from a generator seeded by (seed, document, context),
+so every method and every run sees the same text.
+"""
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import ContextTooLongError, UserError
+from .layout import smallest_k
 from .runtime import ExtensibleLM, Score
+
+SINKS = 4
+BASE_METHODS = ("window", "full", "streaming", "pi", "ntk")
+
+
+@dataclass
+class Sample:
+    document: str
+    offset: int
+    ids: torch.Tensor  # context + tail tokens
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for method in methods:
+        if method in BASE_METHODS or method == "ext:adaptive":
+            continue
+        if method.startswith("ext:"):
+            try:
+                k = int(method[4:])
+            except ValueError:
+                raise UserError(f"bad method {method!r}: use ext:K with an integer K >= 1, or ext:adaptive") from None
+            if k < 1:
+                raise UserError(f"bad method {method!r}: K must be >= 1")
+            continue
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(BASE_METHODS)}, ext:K, ext:adaptive")
+    if not methods:
+        raise UserError("no methods given")
+    return methods
+
+
+def draw_samples(documents: dict[str, torch.Tensor], context: int, tail: int, per_document: int,
+                 seed: int = 0) -> list[Sample]:
+    span = context + tail
+    samples = []
+    for index, (name, ids) in enumerate(sorted(documents.items())):
+        if len(ids) < span:
+            continue
+        rng = np.random.default_rng([seed, index, context])
+        offsets = sorted(rng.choice(len(ids) - span + 1, size=min(per_document, len(ids) - span + 1), replace=False))
+        samples += [Sample(name, int(o), ids[o : o + span]) for o in offsets]
+    if not samples:
+        longest = max(len(ids) for ids in documents.values())
+        raise UserError(f"no document has {span} tokens (context {context} + tail {tail}); the longest has {longest}")
+    return samples
+
+
+class Protocol:
+    """Scores samples with each method; holds the RoPE-scaled copies of the LLM that pi/ntk need."""
+
+    def __init__(self, lm: ExtensibleLM):
+        self.lm = lm
+        self._scaled: dict[tuple[str, float], torch.nn.Module] = {}
+
+    @property
+    def positions(self) -> int:
+        return self.lm.llm.config.max_position_embeddings
+
+    def k_for(self, method: str, n_tokens: int) -> int | None:
+        if method == "ext:adaptive":
+            return smallest_k(n_tokens - 1, self.lm.window, self.lm.chunk_size, self.lm.policy)
+        return int(method[4:]) if method.startswith("ext:") else None
+
+    def applicable(self, method: str, n_tokens: int) -> str | None:
+        """None if the method can score a sample of ``n_tokens``; else why not."""
+        if method == "full" and n_tokens > self.positions:
+            return f"{n_tokens} tokens exceed the LLM's {self.positions} positions"
+        if method.startswith("ext:"):
+            k = self.k_for(method, n_tokens)
+            if k is None or k > self.lm.chunk_size:
+                return f"no k fits {n_tokens} tokens in window {self.lm.window}"
+            try:
+                self.lm.layout(k).compressed_chunks(n_tokens - 1)
+            except ContextTooLongError:
+                return f"k={k} cannot hold {n_tokens} tokens in window {self.lm.window}"
+        return None
+
+    def score(self, method: str, ids: torch.Tensor, tail: int) -> Score:
+        lm = self.lm
+        if method == "window":
+            return lm.score_window(ids, tail)
+        if method == "streaming":
+            keep = lm.window - SINKS
+            context = torch.cat([ids[:SINKS], ids[max(SINKS, len(ids) - 1 - keep) : len(ids) - 1]])
+            return self._full_score(lm.llm, context, ids, tail)
+        if method == "full":
+            return self._full_score(lm.llm, ids[:-1], ids, tail)
+        if method in ("pi", "ntk"):
+            factor = max(1.0, len(ids) / self.positions)
+            return self._full_score(self._rope_scaled(method, factor), ids[:-1], ids, tail)
+        return lm.score(ids, tail, self.k_for(method, len(ids)))
+
+    @torch.no_grad()
+    def _full_score(self, llm, context: torch.Tensor, ids: torch.Tensor, tail: int) -> Score:
+        """The LLM on ``context`` (which ends right before the last token); scores the last ``tail`` tokens."""
+        logits = llm(context[None].to(llm.device), use_cache=False, logits_to_keep=tail).logits[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return Score(-logprobs.gather(1, ids[-tail:, None].to(logprobs.device))[:, 0].cpu())
+
+    def _rope_scaled(self, method: str, factor: float):
+        key = (method, round(factor, 3))
+        if key not in self._scaled:
+            from .models import load_llm
+
+            rope = dict(self.lm.llm.config.rope_parameters)
+            rope.update(rope_type="linear" if method == "pi" else "dynamic", factor=factor)
+            # One scaled copy at a time: RoPE is fixed when the model is built, so each factor needs its own.
+            llm = self.lm.llm
+            self._scaled = {key: load_llm(llm.name_or_path, dtype=llm.dtype, device=llm.device, progress=False,
+                                          rope_parameters=rope)[0]}
+        return self._scaled[key]
+
+
+def bootstrap_interval(differences: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of the mean of per-sample differences."""
+    rng = np.random.default_rng(seed)
+    means = differences[rng.integers(0, len(differences), (rounds, len(differences)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: list[int], methods: list[str],
+             tail: int = 512, per_document: int = 2, seed: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
+    """Rows ``{method, context, k, ppl, tokens, seconds}`` and per-sample mean NLLs keyed by (method, context)."""
+    from tqdm.auto import tqdm
+
+    if tail >= protocol.lm.window:
+        raise UserError(f"--tail ({tail}) must be smaller than --window ({protocol.lm.window})")
+    rows, per_sample = [], {}
+    jobs = [(context, method) for context in contexts for method in methods]
+    bar = tqdm(total=len(jobs), desc="eval-ppl", disable=not progress)
+    for context in contexts:
+        samples = draw_samples(documents, context, tail, per_document, seed)
+        for method in methods:
+            bar.update()
+            reason = protocol.applicable(method, context + tail)
+            if reason:
+                bar.write(f"skip {method} at context {context}: {reason}")
+                continue
+            nll, tokens, seconds = [], 0, 0.0
+            for sample in samples:
+                start = time.perf_counter()
+                score = protocol.score(method, sample.ids, tail)
+                seconds += time.perf_counter() - start
+                nll.append(score.nll / score.tokens)
+                tokens += score.tokens
+            per_sample[(method, context)] = np.array(nll)
+            rows.append({"method": method, "context": context, "k": protocol.k_for(method, context + tail),
+                         "ppl": math.exp(float(np.mean(nll))), "tokens": tokens, "seconds": round(seconds, 2),
+                         "samples": len(samples)})
+    bar.close()
+    return rows, per_sample
+
+
+def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window") -> str:
+    """PPL table (methods x contexts) and each method's paired-bootstrap interval against the baseline."""
+    contexts = sorted({row["context"] for row in rows})
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    cell = {(row["method"], row["context"]): row for row in rows}
+    lines = ["| method | " + " | ".join(f"L={c}" for c in contexts) + " |", "|---|" + "---:|" * len(contexts)]
+    for method in methods:
+        values = []
+        for c in contexts:
+            row = cell.get((method, c))
+            values.append("-" if row is None else f"{row['ppl']:.2f}" + (f" (k={row['k']})" if method == "ext:adaptive" else ""))
+        lines.append(f"| {method} | " + " | ".join(values) + " |")
+    lines += ["", f"PPL difference against `{baseline}` (negative = better), mean over samples of exp(mean NLL), "
+              "with a 95% paired-bootstrap interval:", "", "| method | context | ppl - baseline | 95% interval |",
+              "|---|---:|---:|---|"]
+    for (method, context), nll in per_sample.items():
+        base = per_sample.get((baseline, context))
+        if method == baseline or base is None:
+            continue
+        differences = np.exp(nll) - np.exp(base)
+        low, high = bootstrap_interval(differences)
+        lines.append(f"| {method} | {context} | {differences.mean():+.3f} | [{low:+.3f}, {high:+.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(row["method"] for row in rows):
+        points = sorted((row["context"], row["ppl"]) for row in rows if row["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens before the tail)")
+    ax.set_ylabel("perplexity of the tail")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def fitting_context(lm: ExtensibleLM, n_tokens: int, k: int, tail: int, context: int | None = None) -> int:
@@ -23,19 +237,15 @@ def fitting_context(lm: ExtensibleLM, n_tokens: int, k: int, tail: int, context:
     return context
 
 
-def timed(fn, *args, **kwargs) -> tuple[Score, float]:
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
-
-
 def tail_perplexity(lm: ExtensibleLM, ids: torch.Tensor, k: int, tail: int = 512, context: int | None = None) -> list[dict]:
-    """Rows ``{method, context, k, ppl, tokens, seconds}`` for window-only and for ext:k on the same tail."""
+    """``extemb ppl``: rows for window-only and ext:k on one document's tail."""
     context = fitting_context(lm, len(ids), k, tail, context)
     sample = ids[len(ids) - context - tail :]
+    protocol = Protocol(lm)
     rows = []
-    for method, fn, args in (("window", lm.score_window, (sample, tail)), (f"ext:{k}", lm.score, (sample, tail, k))):
-        score, seconds = timed(fn, *args)
-        rows.append({"method": method, "context": context, "k": None if method == "window" else k,
-                     "ppl": score.ppl, "tokens": score.tokens, "seconds": round(seconds, 3)})
+    for method in ("window", f"ext:{k}"):
+        start = time.perf_counter()
+        score = protocol.score(method, sample, tail)
+        rows.append({"method": method, "context": context, "k": protocol.k_for(method, len(sample)),
+                     "ppl": score.ppl, "tokens": score.tokens, "seconds": round(time.perf_counter() - start, 3)})
     return rows

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from .errors import UserError
@@ -105,17 +105,25 @@ def load_llm(
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     progress: bool = True,
+    rope_parameters: dict | None = None,
 ):
     """The frozen downstream LLM and its tokenizer.
 
     ``None`` gives the embedded SmolLM2-135M-Instruct; otherwise any HF causal LM path or hub id.
+    ``rope_parameters`` (e.g. ``{"rope_type": "linear", "factor": 4.0, "rope_theta": ...}``) replaces the model's
+    RoPE settings; it must be set before the model is built, so it goes in through the config.
     """
     path = embedded_checkpoint(progress) if name_or_path is None else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        extra = {}
+        if rope_parameters is not None:
+            config = AutoConfig.from_pretrained(path)
+            config.rope_parameters = rope_parameters
+            extra["config"] = config
         with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation=attn_implementation or _default_attention()
+                path, dtype=dtype, attn_implementation=attn_implementation or _default_attention(), **extra
             )
     except OSError as err:  # no such folder, or a hub id that cannot be reached from here
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -103,18 +103,20 @@ class ExtensibleLM:
         return self.llm.config.hidden_size
 
     @torch.no_grad()
-    def encode(self, ids, progress: bool = False) -> torch.Tensor:
-        """Full-resolution outputs ``[n_tokens, hidden]`` of every chunk (a last partial chunk too), token order."""
+    def iter_encode(self, ids, progress: bool = False):
+        """Full-resolution outputs of every chunk (a last partial chunk too), in token order, a batch at a time."""
         ids = as_token_tensor(ids)
         size = self.chunk_size
         complete = len(ids) // size
-        rows = []
-        batches = range(0, complete, self.encode_batch)
-        for start in tqdm(batches, desc="embedding chunks", disable=not progress):
+        for start in tqdm(range(0, complete, self.encode_batch), desc="embedding chunks", disable=not progress):
             stop = min(start + self.encode_batch, complete)
-            rows.append(self._encode_chunks(ids[start * size : stop * size].view(-1, size)).flatten(0, 1))
+            yield self._encode_chunks(ids[start * size : stop * size].view(-1, size)).flatten(0, 1)
         if len(ids) % size:
-            rows.append(self._encode_chunks(ids[complete * size :][None])[0])
+            yield self._encode_chunks(ids[complete * size :][None])[0]
+
+    def encode(self, ids, progress: bool = False) -> torch.Tensor:
+        """Full-resolution outputs ``[n_tokens, hidden]`` of a whole document (offline mode's input)."""
+        rows = list(self.iter_encode(ids, progress))
         return torch.cat(rows) if rows else torch.zeros((0, self.hidden_size), dtype=self.embedder.dtype)
 
     def extensible_embeddings(self, ids: torch.Tensor, chunks: int, k: int, full=None) -> torch.Tensor:
@@ -125,16 +127,17 @@ class ExtensibleLM:
         """
         size = self.chunk_size
         stored = 0 if full is None else min(chunks, len(full) // size)
-        if chunks == 0:
-            return torch.zeros((0, self.hidden_size), dtype=self.llm.dtype, device=self.device)
-        outputs = []
-        if stored:
+        kept = [torch.zeros((0, self.hidden_size), dtype=self.llm.dtype, device=self.device)]
+        if stored and hasattr(full, "downscaled"):  # a stored document reads only the rows it needs
+            kept.append(torch.from_numpy(np.asarray(full.downscaled(stored, k, self.method, self.seed))))
+        elif stored:
             part = full[: stored * size]
-            outputs.append(part if torch.is_tensor(part) else torch.from_numpy(np.asarray(part)))
+            rows = (part if torch.is_tensor(part) else torch.from_numpy(np.asarray(part))).view(stored, size, -1)
+            kept += [downscale_chunk(rows[i], k, self.method, self.seed, i) for i in range(stored)]
         if chunks > stored:
-            outputs.append(self._encode_chunks(ids[stored * size : chunks * size].view(-1, size)).flatten(0, 1))
-        rows = torch.cat([o.to(self.device, self.llm.dtype) for o in outputs]).view(chunks, size, -1)
-        return torch.cat([downscale_chunk(rows[i], k, self.method, self.seed, i) for i in range(chunks)])
+            rows = self._encode_chunks(ids[stored * size : chunks * size].view(-1, size))
+            kept += [downscale_chunk(rows[j], k, self.method, self.seed, stored + j) for j in range(chunks - stored)]
+        return torch.cat([part.to(self.device, self.llm.dtype) for part in kept])
 
     # ---- the LLM side ------------------------------------------------------------------------------------------
 

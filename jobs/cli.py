@@ -93,6 +93,53 @@ def cmd_generate(args) -> None:
         print(answer)
 
 
+def cmd_eval_ppl(args) -> None:
+    from pathlib import Path
+
+    from extensible.data import expand_sources, iter_documents
+    from extensible.evaluate import Protocol, evaluate, markdown_report, parse_methods, plot
+    from extensible.text import tokenize
+
+    methods = parse_methods(args.methods)
+    if args.window <= args.tail:
+        raise UserError(f"--window ({args.window}) must be larger than --tail ({args.tail}): the target must fit")
+    lm = _runtime(args)
+    documents = {Path(name).stem: tokenize(lm.tokenizer, text) for name, text in iter_documents(expand_sources(args.data))}
+    if not documents:
+        raise UserError(f"no readable UTF-8 text in {' '.join(args.data)}")
+    rows, per_sample = evaluate(Protocol(lm), documents, sorted(args.context), methods, tail=args.tail,
+                                per_document=args.samples, seed=args.seed)
+    report = markdown_report(rows, per_sample)
+    print(report)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        out.with_suffix(".md").write_text(report)
+        plot(rows, out.with_suffix(".png"), f"tail {args.tail}, window {lm.window}, chunk {lm.chunk_size}")
+        print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+
+
+def cmd_precompute(args) -> None:
+    from jobs.precompute import run
+
+    run(args)
+
+
+def cmd_store(args) -> int:
+    from storage.store import Store
+
+    store = Store.open(args.store)
+    if args.action == "info":
+        print(json.dumps(store.info(), indent=2))
+        return 0
+    problems = store.verify()
+    for problem in problems:
+        print(f"corrupt: {problem}", file=sys.stderr)
+    print(f"{args.store}: {len(store)} documents, {len(problems)} problems")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extemb", description="Extensible embeddings for a frozen short-window LLM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +152,29 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", action="store_true", help="also print the rows as JSON")
     _model_args(ppl)
     ppl.set_defaults(func=cmd_ppl)
+
+    ev = sub.add_parser("eval-ppl", help="the perplexity protocol: methods x context lengths on held-out documents")
+    ev.add_argument("--data", nargs="+", required=True, help="files, folders or globs of documents")
+    ev.add_argument("--context", type=_positive, nargs="+", required=True, help="context lengths L before the tail")
+    ev.add_argument("--tail", type=_positive, default=512)
+    ev.add_argument("--samples", type=_positive, default=2, help="samples per document and context length")
+    ev.add_argument("--methods", default="window,full,ext:adaptive",
+                    help="comma-separated: window, full, streaming, pi, ntk, ext:K, ext:adaptive")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", help="write the rows here (and a .md table and a .png plot beside it)")
+    _model_args(ev)
+    ev.set_defaults(func=cmd_eval_ppl)
+
+    pre = sub.add_parser("precompute", help="embed a corpus into a store (the Ray job of make precompute)")
+    from jobs.precompute import add_arguments
+
+    add_arguments(pre)
+    pre.set_defaults(func=cmd_precompute)
+
+    st = sub.add_parser("store", help="inspect or check a store")
+    st.add_argument("action", choices=["info", "verify"])
+    st.add_argument("store")
+    st.set_defaults(func=cmd_store)
 
     gen = sub.add_parser("generate", help="answer a prompt about a long file")
     gen.add_argument("file")
@@ -121,11 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="extemb: %(message)s")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as err:
         print(f"extemb: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

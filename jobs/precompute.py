@@ -1,0 +1,46 @@
+"""make precompute CORPUS=... STORE=... -> this Ray job. Also: ray job submit --working-dir . -- python -m jobs.precompute"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from extensible.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default=None, help="folder, file or glob (.txt/.md/.jsonl/.parquet); "
+                        "default: the pydoc topics of this Python")
+    parser.add_argument("--store", default="out/store", help="the store folder (created if absent)")
+    parser.add_argument("--model", default=None, help="HF causal LM (default: the embedded SmolLM2)")
+    parser.add_argument("--plugin", default=None, help="plug-in folder (default: the shipped one for the model)")
+    parser.add_argument("--chunk", type=int, default=None, help="chunk length (default: the plug-in's)")
+    parser.add_argument("--workers", type=int, default=1, help="embedder actors (one per GPU on a cluster)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per CPU actor")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON too")
+
+
+def run(args) -> int:
+    from pipeline.precompute import precompute
+
+    summary = precompute(args.corpus or None, args.store, model=args.model, plugin=args.plugin, chunk_size=args.chunk,
+                         workers=args.workers, threads=args.threads)
+    print("\n".join(summary.lines()))
+    if args.json:
+        print(json.dumps({**vars(summary), "tokens_per_s": summary.tokens_per_s}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except UserError as err:
+        print(f"precompute: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

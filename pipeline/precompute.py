@@ -1,0 +1,152 @@
+"""The precompute job: Ray Data runs the embedder over a corpus in an actor pool and fills a store.
+
+The driver scans the corpus (hashes, skips what is stored, reports unusable files), creates or opens the store for
+this embedder, and streams documents through ``map_batches`` with ``EmbedDocuments`` actors (one per GPU on a
+cluster, CPU actors here). Each actor writes whole documents -- one array and one text file per document, no two
+actors on the same document -- and returns its manifest row; the driver alone commits rows to the manifest, a few
+documents at a time. ``ray.init()`` takes no address: it joins the cluster named by RAY_ADDRESS or ``ray job submit``,
+else starts a local one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from extensible.models import base_fingerprint
+from extensible.plugins import load_extensible
+from extensible.runtime import ExtensibleLM
+from storage.store import Store, embedder_fingerprint, llm_fingerprint
+
+from .corpus import load_text, scan_corpus
+
+
+def write_document(lm: ExtensibleLM, store: Store, ref: dict) -> dict:
+    """Embeds one document chunk by chunk into its store array (memory: one block) and returns its manifest row."""
+    text = load_text(ref)
+    encoding = lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(encoding["input_ids"], dtype=np.int64)
+    starts = np.asarray([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)
+    del encoding
+    size = lm.chunk_size
+    writer = store.writer(ref["content_hash"], len(ids))
+    for rows in lm.iter_encode(torch.from_numpy(ids)):
+        writer.append(rows.float().cpu().numpy())
+    checksum = writer.close()
+    text_path = Path("texts") / f"{ref['content_hash'][:32]}.txt"
+    tmp = store.path / f"{text_path}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, store.path / text_path)
+    return {
+        "doc_id": ref["doc_id"], "source": ref["source"], "content_hash": ref["content_hash"], "n_tokens": len(ids),
+        "chunk_size": size, "chunk_char_offsets": [int(c) for c in starts[::size]] + [len(text)],
+        "dtype": "float16", "shape": [len(ids), store.hidden], "array": writer.name, "text_path": str(text_path),
+        "checksum": checksum, "embedder_fingerprint": store.attrs["embedder_fingerprint"],
+        "llm_fingerprint": store.attrs["llm_fingerprint"],
+    }
+
+
+class EmbedDocuments:
+    """Ray Data actor: loads the LLM and embedder once, then embeds one document per call."""
+
+    def __init__(self, store: str, model: str | None, plugin: str | None, chunk_size: int | None, threads: int):
+        torch.set_num_threads(threads)
+        self.lm = load_extensible(model, plugin, chunk_size=chunk_size)
+        self.store = Store.open(store)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        for i in range(len(batch["doc_id"])):
+            ref = {key: batch[key][i] for key in batch}
+            try:
+                rows.append({**write_document(self.lm, self.store, ref), "error": ""})
+            except Exception as err:  # one bad document is reported; the rest of the corpus goes on
+                rows.append({"doc_id": ref["doc_id"], "source": ref["source"], "error": f"{type(err).__name__}: {err}"})
+        return {"row": rows}
+
+
+@dataclass
+class Summary:
+    store: str
+    stored: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    bytes_written: int = 0
+    already_stored: int = 0
+    problems: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def lines(self) -> list[str]:
+        lines = [f"stored {self.stored} documents, {self.tokens:,} tokens in {self.seconds:.1f} s "
+                 f"({self.tokens_per_s:,.0f} tokens/s), {self.bytes_written / 2**20:.1f} MiB written to {self.store}",
+                 f"skipped {self.already_stored} already stored"]
+        for kind, sources in sorted(self.problems.items()):
+            lines.append(f"{kind}: {len(sources)}" + "".join(f"\n  {s}" for s in sources[:20]))
+        return lines
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def precompute(corpus: str | None, store_path: str, model: str | None = None, plugin: str | None = None,
+               chunk_size: int | None = None, workers: int = 1, threads: int | None = None, commit_every: int = 4,
+               progress: bool = True) -> Summary:
+    import ray
+
+    report = scan_corpus(corpus)
+    if not report.documents and not report.problems:
+        from extensible.errors import UserError
+
+        raise UserError(f"CORPUS {corpus} holds no documents")
+    lm = load_extensible(model, plugin, chunk_size=chunk_size)
+    store = Store.create_or_open(store_path, embedder_fingerprint(lm.embedder),
+                                 llm_fingerprint(base_fingerprint(lm.llm, lm.tokenizer)), lm.hidden_size, lm.chunk_size)
+    del lm  # the actors hold their own copies
+    stored = store.stored_hashes()
+    todo = [ref for ref in report.documents if ref.content_hash not in stored]
+    summary = Summary(store=str(store.path), already_stored=len(report.documents) - len(todo),
+                      problems={kind: list(sources) for kind, sources in report.problems.items()})
+    if not todo:
+        return summary
+    before = _disk_bytes(store.path)
+    use_gpu = torch.cuda.is_available()
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.from_items([asdict(ref) for ref in todo]).map_batches(
+        EmbedDocuments, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+        fn_constructor_kwargs={"store": str(store.path), "model": model, "plugin": plugin, "chunk_size": chunk_size,
+                               "threads": threads},
+    )
+    start = time.perf_counter()
+    pending: list[dict] = []
+    bar = tqdm(total=len(todo), desc="precompute", unit="doc", disable=not progress)
+    for item in dataset.iter_rows():
+        row = item["row"]
+        bar.update()
+        if row["error"]:
+            summary.problems.setdefault("failed", []).append(f"{row['source']}: {row['error']}")
+            continue
+        pending.append({key: value for key, value in row.items() if key != "error"})
+        summary.stored += 1
+        summary.tokens += int(row["n_tokens"])
+        bar.set_postfix(tokens=f"{summary.tokens:,}")
+        if len(pending) >= commit_every:
+            store.commit(pending)
+            pending = []
+    store.commit(pending)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    summary.bytes_written = _disk_bytes(store.path) - before
+    return summary

@@ -1,0 +1,93 @@
+"""The Zarr + Parquet store: the level-major row order, the reader, atomic commits and corruption detection."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from extensible import UserError, downscale_chunk, kept_positions
+from storage.rows import block_order, prefix_length
+from storage.store import Store
+
+HIDDEN, CHUNK = 8, 64
+
+
+@pytest.mark.parametrize("n_rows", [256, 200, 64])
+def test_the_strided_sample_is_a_prefix_of_every_block(n_rows):
+    order = block_order(n_rows, CHUNK, 32)
+    assert sorted(order) == list(range(n_rows))
+    for k in (1, 2, 4, 8, 16, 32):
+        prefix = order[: prefix_length(n_rows, CHUNK, k)]
+        assert sorted(prefix) == [r for r in range(n_rows) if (r % CHUNK + 1) % k == 0]
+
+
+def content_hash(seed):
+    return hashlib.sha256(str(seed).encode()).hexdigest()
+
+
+def write_document(store, n_tokens, seed=0, piece=37):
+    rows = np.random.default_rng(seed).normal(size=(n_tokens, HIDDEN)).astype(np.float16)
+    writer = store.writer(content_hash(seed), n_tokens)
+    for start in range(0, n_tokens, piece):
+        writer.append(rows[start : start + piece])
+    store.commit([{"doc_id": f"doc{seed}", "source": "test", "content_hash": content_hash(seed), "n_tokens": n_tokens,
+                   "chunk_size": CHUNK, "chunk_char_offsets": [0], "dtype": "float16", "shape": [n_tokens, HIDDEN],
+                   "array": writer.name, "text_path": "texts/none.txt", "checksum": writer.close(),
+                   "embedder_fingerprint": "e", "llm_fingerprint": "l"}])
+    (store.path / "texts" / "none.txt").write_text("text")
+    return rows
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store.create_or_open(tmp_path / "store", "e", "l", HIDDEN, CHUNK, block_rows=256)
+
+
+def test_reads_return_what_was_written(store):
+    rows = write_document(store, 700)  # 2 full blocks of 256 and a partial one; a partial last chunk
+    doc = Store.open(store.path).document("doc0")
+    assert np.array_equal(doc.read(), rows) and np.array_equal(doc[100:300], rows[100:300])
+    picks = np.array([0, 5, 255, 256, 699, 300])
+    assert np.array_equal(doc.take(picks), rows[picks])
+
+
+@pytest.mark.parametrize("k,method", [(8, "strided"), (32, "strided"), (1, "strided"), (3, "strided"),
+                                      (4, "terminal"), (4, "random"), (4, "mean")])
+def test_downscaled_reads_equal_downscaling_the_full_array(store, k, method):
+    rows = write_document(store, 700)
+    doc = store.document("doc0")
+    chunks = 700 // CHUNK
+    full = torch.from_numpy(rows.astype(np.float32))
+    expected = torch.cat([downscale_chunk(full[i * CHUNK : (i + 1) * CHUNK], k, method, 0, i) for i in range(chunks)])
+    got = torch.from_numpy(doc.downscaled(chunks, k, method).astype(np.float32))
+    assert torch.allclose(got, expected.half().float(), atol=1e-3)
+    if method == "strided":
+        assert np.array_equal(doc.strided(k, 5), rows[[i * CHUNK + p for i in range(5) for p in kept_positions(CHUNK, k)]])
+
+
+def test_the_manifest_is_the_commit_point(store):
+    write_document(store, 300, seed=1)
+    (store.path / ".manifest.parquet.tmp").write_bytes(b"half-written garbage from a killed commit")
+    assert Store.open(store.path).manifest().column("doc_id").to_pylist() == ["doc1"]
+    store.writer(content_hash(2), 100).append(np.zeros((50, HIDDEN)))  # a killed write: array exists, no manifest row
+    assert len(Store.open(store.path)) == 1 and Store.open(store.path).verify() == []
+
+
+def test_verify_names_a_corrupt_document(store):
+    write_document(store, 300, seed=1)
+    write_document(store, 300, seed=2)
+    assert store.verify() == []
+    shard = next(p for p in sorted((store.path / "docs" / content_hash(2)[:32]).rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = store.verify()
+    assert len(problems) == 1 and problems[0].startswith("doc2:")
+
+
+def test_another_embedder_never_writes_into_a_store(store):
+    with pytest.raises(UserError, match="another embedder"):
+        Store.create_or_open(store.path, "other", "l", HIDDEN, CHUNK)
+    with pytest.raises(UserError, match="no store"):
+        Store.open(store.path / "missing")

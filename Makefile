@@ -6,7 +6,12 @@ PY := $(VENV)/bin/python
 EXTEMB := $(VENV)/bin/extemb
 DEMO := out/demo
 
-.PHONY: setup test demo bench clean
+CORPUS ?=
+STORE ?= out/store
+BOOKS ?= ../shared/data/books
+HELD_OUT ?= austen_persuasion chesterton_thursday wells_war_of_the_worlds
+
+.PHONY: setup test demo precompute train eval bench clean
 
 setup: $(VENV)/.installed
 
@@ -29,8 +34,22 @@ demo: setup
 	$(EXTEMB) generate $(DEMO)/pydoc_statements.txt --window 1024 --max-new-tokens 64 \
 		--prompt "In one sentence: what does the with statement do?"
 
+# make precompute CORPUS=../shared/data/books STORE=out/books   (no CORPUS: the pydoc topics of this Python)
+precompute: setup
+	$(PY) -m jobs.precompute $(if $(CORPUS),--corpus "$(CORPUS)") --store $(STORE)
+
+# Two-stream AR training of the SmolLM2 plug-in on the books, the held-out ones excluded; rerun to resume.
+train: setup
+	$(PY) -m jobs.train --data $(BOOKS) --exclude $(HELD_OUT) --out runs/smollm2-lora32 --lora-rank 32 \
+		--lr 5e-4 --warmup 20 --steps 1200 --ks 4 8 16 32 --chunk 256 --sample-tokens 2048 --save-every 20
+
+eval: setup
+	$(EXTEMB) eval-ppl --data $(foreach b,$(HELD_OUT),$(BOOKS)/$(b).txt) --window 1024 --context 1024 4096 8192 \
+		--tail 512 --samples 2 --methods window,full,ext:16,ext:adaptive --json out/eval/ppl.json
+
 bench: setup
 	$(PY) -m jobs.bench_online_memory --lengths 8192 16384 32768 --k 16 --window 4096
+	$(PY) -m jobs.bench_precompute --out out/bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

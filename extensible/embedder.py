@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
 from .errors import IncompatiblePluginError, UserError
-from .models import base_fingerprint, fingerprint_mismatch
+from .models import base_fingerprint, fingerprint_mismatch, model_name
 
 CONFIG_NAME = "extensible_config.json"
 WEIGHTS_NAME = "embedder.safetensors"
@@ -71,7 +71,7 @@ class ExtensibleEmbedder(nn.Module):
         if not 1 <= config.num_layers <= total:
             raise UserError(f"the embedder needs 1..{total} layers of this LLM, got {config.num_layers}")
         config.base = base_fingerprint(llm, tokenizer)
-        config.base_name = str(getattr(llm.config, "name_or_path", "") or "")
+        config.base_name = model_name(llm)
 
         body_config = copy.deepcopy(llm.config)
         body_config.num_hidden_layers = config.num_layers

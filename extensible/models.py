@@ -132,6 +132,12 @@ def load_llm(
     return freeze(model), tokenizer
 
 
+def model_name(llm: PreTrainedModel) -> str:
+    """A readable name: the embedded default by name, anything else by the path or id it was loaded from."""
+    path = str(getattr(llm, "name_or_path", "") or "")
+    return DEFAULT_NAME if path == str(cache_dir() / "models" / f"{DEFAULT_NAME}-bf16") else path
+
+
 def tokenizer_hash(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]

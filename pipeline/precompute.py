@@ -37,7 +37,7 @@ def write_document(lm: ExtensibleLM, store: Store, ref: dict) -> dict:
     size = lm.chunk_size
     writer = store.writer(ref["content_hash"], len(ids))
     for rows in lm.iter_encode(torch.from_numpy(ids)):
-        writer.append(rows.float().cpu().numpy())
+        writer.append(rows.to("cpu", torch.float16).numpy())
     checksum = writer.close()
     text_path = Path("texts") / f"{ref['content_hash'][:32]}.txt"
     tmp = store.path / f"{text_path}.tmp"
@@ -79,6 +79,7 @@ class Summary:
     seconds: float = 0.0
     bytes_written: int = 0
     already_stored: int = 0
+    first_document_seconds: float = 0.0  # start-up: Ray, the actors' model loading, the first document
     problems: dict = field(default_factory=dict)
 
     @property
@@ -87,7 +88,8 @@ class Summary:
 
     def lines(self) -> list[str]:
         lines = [f"stored {self.stored} documents, {self.tokens:,} tokens in {self.seconds:.1f} s "
-                 f"({self.tokens_per_s:,.0f} tokens/s), {self.bytes_written / 2**20:.1f} MiB written to {self.store}",
+                 f"({self.tokens_per_s:,.0f} tokens/s; the first document after {self.first_document_seconds:.1f} s), "
+                 f"{self.bytes_written / 2**20:.1f} MiB written to {self.store}",
                  f"skipped {self.already_stored} already stored"]
         for kind, sources in sorted(self.problems.items()):
             lines.append(f"{kind}: {len(sources)}" + "".join(f"\n  {s}" for s in sources[:20]))
@@ -135,6 +137,7 @@ def precompute(corpus: str | None, store_path: str, model: str | None = None, pl
     for item in dataset.iter_rows():
         row = item["row"]
         bar.update()
+        summary.first_document_seconds = summary.first_document_seconds or time.perf_counter() - start
         if row["error"]:
             summary.problems.setdefault("failed", []).append(f"{row['source']}: {row['error']}")
             continue

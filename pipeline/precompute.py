@@ -101,8 +101,10 @@ def _disk_bytes(path: Path) -> int:
 
 
 def precompute(corpus: str | None, store_path: str, model: str | None = None, plugin: str | None = None,
-               chunk_size: int | None = None, workers: int = 1, threads: int | None = None, commit_every: int = 4,
-               progress: bool = True) -> Summary:
+               chunk_size: int | None = None, workers: int = 1, threads: int | None = None, commit_every: int = 64,
+               commit_seconds: float = 5.0, progress: bool = True) -> Summary:
+    """Embeds ``corpus`` into the store at ``store_path``; commits every ``commit_every`` documents or
+    ``commit_seconds``, whichever comes first, so a killed job loses at most that much work."""
     import ray
 
     report = scan_corpus(corpus)
@@ -131,7 +133,7 @@ def precompute(corpus: str | None, store_path: str, model: str | None = None, pl
         fn_constructor_kwargs={"store": str(store.path), "model": model, "plugin": plugin, "chunk_size": chunk_size,
                                "threads": threads},
     )
-    start = time.perf_counter()
+    start = last_commit = time.perf_counter()
     pending: list[dict] = []
     bar = tqdm(total=len(todo), desc="precompute", unit="doc", disable=not progress)
     for item in dataset.iter_rows():
@@ -145,9 +147,9 @@ def precompute(corpus: str | None, store_path: str, model: str | None = None, pl
         summary.stored += 1
         summary.tokens += int(row["n_tokens"])
         bar.set_postfix(tokens=f"{summary.tokens:,}")
-        if len(pending) >= commit_every:
+        if len(pending) >= commit_every or time.perf_counter() - last_commit >= commit_seconds:
             store.commit(pending)
-            pending = []
+            pending, last_commit = [], time.perf_counter()
     store.commit(pending)
     bar.close()
     summary.seconds = time.perf_counter() - start

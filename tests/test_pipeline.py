@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from extensible import load_llm
 from extensible.plugins import load_extensible
 from jobs.cli import main
 from pipeline.corpus import scan_corpus

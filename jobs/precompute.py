@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=None, help="chunk length (default: the plug-in's)")
     parser.add_argument("--workers", type=int, default=1, help="embedder actors (one per GPU on a cluster)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per CPU actor")
+    parser.add_argument("--commit-every", type=int, default=64, help="commit the manifest every N documents "
+                        "(and every 5 s): a killed job loses at most that much work")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON too")
 
 
@@ -25,7 +27,7 @@ def run(args) -> int:
     from pipeline.precompute import precompute
 
     summary = precompute(args.corpus or None, args.store, model=args.model, plugin=args.plugin, chunk_size=args.chunk,
-                         workers=args.workers, threads=args.threads)
+                         workers=args.workers, threads=args.threads, commit_every=args.commit_every)
     print("\n".join(summary.lines()))
     if args.json:
         print(json.dumps({**vars(summary), "tokens_per_s": summary.tokens_per_s}))

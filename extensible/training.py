@@ -76,7 +76,7 @@ class TrainConfig:
 
 def pass_two_batch(embedder_outputs: torch.Tensor, token_embeds: torch.Tensor, ids: torch.Tensor, ks: list[int],
                    objective: str, method: str):
-    """Builds pass 2: (inputs_embeds [N, T, H], attention_mask [N, T], loss positions, target ids).
+    """Builds pass 2: (inputs_embeds [N, T, H], right-padded; loss positions (rows, cols); target ids).
 
     ``embedder_outputs``/``token_embeds``: [B, n, C, H]; ``ids``: [B, n, C]. The logit at a loss position predicts
     the target token; the first token of a chunk is predicted from the last extensible embedding before it.
@@ -97,16 +97,14 @@ def pass_two_batch(embedder_outputs: torch.Tensor, token_embeds: torch.Tensor, i
     length = max(len(ctx) + len(tok) for ctx, tok in sequences)
     hidden = embedder_outputs.shape[-1]
     inputs = token_embeds.new_zeros((len(sequences), length, hidden))
-    mask = torch.zeros((len(sequences), length), dtype=torch.long, device=inputs.device)
     rows, cols = [], []
     for row, (context, tokens) in enumerate(sequences):
         m = len(context)
         inputs[row, :m] = context.to(inputs.dtype)
         inputs[row, m : m + len(tokens)] = tokens
-        mask[row, : m + len(tokens)] = 1
         rows.append(torch.full((size,), row))
         cols.append(torch.arange(m - 1, m - 1 + size))
-    return inputs, mask, (torch.cat(rows), torch.cat(cols)), torch.cat(targets)
+    return inputs, (torch.cat(rows), torch.cat(cols)), torch.cat(targets)
 
 
 def two_stream_loss(llm, embedder: ExtensibleEmbedder, ids: torch.Tensor, ks: list[int], chunk_size: int,
@@ -117,7 +115,7 @@ def two_stream_loss(llm, embedder: ExtensibleEmbedder, ids: torch.Tensor, ks: li
     chunks = ids.view(batch, n, chunk_size)
     outputs = embedder(chunks.reshape(batch * n, chunk_size)).view(batch, n, chunk_size, -1)
     token_embeds = llm.get_input_embeddings()(chunks)
-    inputs, _, (rows, cols), targets = pass_two_batch(outputs.to(token_embeds.dtype), token_embeds, chunks, ks,
+    inputs, (rows, cols), targets = pass_two_batch(outputs.to(token_embeds.dtype), token_embeds, chunks, ks,
                                                           objective, method)
     # Right padding under a causal mask: no real position ever sees a pad, so no padding mask is needed, and
     # attention keeps the fast causal kernel instead of the masked one.

@@ -126,6 +126,8 @@ class ExtensibleLM:
         embedder runs only on chunks it does not cover (online mode, or tokens generated after the document).
         """
         size = self.chunk_size
+        if getattr(full, "chunk_size", size) != size:
+            raise UserError(f"the stored outputs were cut into {full.chunk_size}-token chunks, this runtime uses {size}")
         stored = 0 if full is None else min(chunks, len(full) // size)
         kept = [torch.zeros((0, self.hidden_size), dtype=self.llm.dtype, device=self.device)]
         if stored and hasattr(full, "downscaled"):  # a stored document reads only the rows it needs

@@ -237,6 +237,10 @@ class StoredDocument:
     def __len__(self) -> int:
         return self.row["n_tokens"]
 
+    @property
+    def chunk_size(self) -> int:
+        return self.row["chunk_size"]
+
     def checksum(self) -> str:
         sha = hashlib.sha256()
         for start, stop in self.order.blocks():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from extensible import UserError
 from extensible.plugins import load_extensible
 from jobs.cli import main
 from pipeline.corpus import scan_corpus
@@ -75,6 +76,9 @@ def test_precompute_stores_reads_back_and_reruns_idempotently(corpus, tiny8, tmp
     prefix = ids[:300]
     assert torch.allclose(lm.score(prefix, 40, 4, full=document).token_nll,
                           lm.score(prefix, 40, 4, full=torch.from_numpy(document.read())).token_nll, atol=1e-5)
+    lm.embedder.config.chunk_size = 32
+    with pytest.raises(UserError, match="16-token chunks, this runtime uses 32"):
+        lm.score(prefix, 40, 4, full=document)
 
     again = precompute(str(corpus), str(store_path), model=tiny8, chunk_size=16, progress=False)
     assert again.stored == 0 and again.already_stored == 5 and len(Store.open(store_path)) == 5

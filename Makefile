@@ -38,10 +38,12 @@ demo: setup
 precompute: setup
 	$(PY) -m jobs.precompute $(if $(CORPUS),--corpus "$(CORPUS)") --store $(STORE)
 
-# Two-stream AR training of the SmolLM2 plug-in on the books, the held-out ones excluded; rerun to resume.
+# Two-stream AR training of the SmolLM2 plug-in on the books, the held-out ones excluded; rerun to resume
+# (MINUTES=N stops cleanly after N minutes, checkpointed).
 train: setup
 	$(PY) -m jobs.train --data $(BOOKS) --exclude $(HELD_OUT) --out runs/smollm2-lora32 --lora-rank 32 \
-		--lr 5e-4 --warmup 20 --steps 1200 --ks 4 8 16 32 --chunk 256 --sample-tokens 2048 --save-every 20
+		--lr 5e-4 --warmup 20 --steps 1200 --ks 4 8 16 32 --chunk 256 --sample-tokens 2048 --save-every 20 \
+		$(if $(MINUTES),--max-minutes $(MINUTES))
 
 eval: setup
 	$(EXTEMB) eval-ppl --data $(foreach b,$(HELD_OUT),$(BOOKS)/$(b).txt) --window 1024 --context 1024 4096 8192 \

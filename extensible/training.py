@@ -65,6 +65,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # Absolute paths, so that a resume from another working directory is recognised as the same data.
+        self.data = [str(Path(d).resolve()) if Path(d).exists() else d for d in self.data]
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.sample_tokens % self.chunk_size or self.sample_tokens < 2 * self.chunk_size:

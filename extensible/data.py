@@ -32,21 +32,23 @@ def expand_sources(sources: list[str]) -> list[Path]:
     return files
 
 
+def iter_records(path: Path, text_column: str = "text") -> Iterator[tuple[str, str]]:
+    """("file:row", text) for every record of a .jsonl or Parquet file, empty ones included."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle):
+                if line.strip():
+                    yield f"{path}:{number}", json.loads(line).get(text_column) or ""
+    else:
+        for number, text in enumerate(pq.read_table(path, columns=[text_column]).column(text_column).to_pylist()):
+            yield f"{path}:{number}", text or ""
+
+
 def iter_documents(files: list[Path], text_column: str = "text") -> Iterator[tuple[str, str]]:
-    """(document id, text) for every non-empty UTF-8 document; unreadable files are skipped with a reason."""
+    """(document id, text) for every non-empty UTF-8 document; non-UTF-8 files are skipped."""
     for path in files:
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8", errors="strict") as handle:
-                for line_number, line in enumerate(handle):
-                    if line.strip():
-                        text = json.loads(line).get(text_column) or ""
-                        if text.strip():
-                            yield f"{path}:{line_number}", text
-        elif path.suffix == ".parquet":
-            table = pq.read_table(path, columns=[text_column])
-            for row, text in enumerate(table.column(text_column).to_pylist()):
-                if text and text.strip():
-                    yield f"{path}:{row}", text
+        if path.suffix in (".jsonl", ".parquet"):
+            yield from ((source, text) for source, text in iter_records(path, text_column) if text.strip())
         else:
             try:
                 text = path.read_bytes().decode("utf-8")

@@ -7,14 +7,11 @@ one every Python install has: CPython's documentation topics (``pydoc_data.topic
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from extensible.data import expand_sources
+from extensible.data import expand_sources, iter_records
 
 
 @dataclass
@@ -46,17 +43,6 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _records(path: Path, text_column: str):
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle):
-                if line.strip():
-                    yield f"{path}:{number}", json.loads(line).get(text_column) or ""
-    else:
-        for number, text in enumerate(pq.read_table(path, columns=[text_column]).column(text_column).to_pylist()):
-            yield f"{path}:{number}", text or ""
-
-
 def scan_corpus(corpus: str | None, text_column: str = "text") -> CorpusReport:
     """Lists the documents of a corpus: hashes each, reports empty, binary, non-UTF-8 and duplicate ones."""
     report = CorpusReport()
@@ -82,7 +68,7 @@ def scan_corpus(corpus: str | None, text_column: str = "text") -> CorpusReport:
     for path in expand_sources([corpus]):
         if path.suffix in (".jsonl", ".parquet"):
             try:
-                for source, text in _records(path, text_column):
+                for source, text in iter_records(path, text_column):
                     add(f"{path.stem}-{source.rsplit(':', 1)[1]}", source, text)
             except (UnicodeDecodeError, ValueError, KeyError) as err:
                 report.problems["unreadable"].append(f"{path} ({type(err).__name__})")

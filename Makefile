@@ -29,10 +29,11 @@ test: setup
 	$(PY) -m pytest -q --durations=15
 
 demo: setup
-	$(PY) -m jobs.demo_text $(DEMO)
-	$(EXTEMB) ppl $(DEMO)/pydoc_topics.txt --k 16 --window 1024
-	$(EXTEMB) generate $(DEMO)/pydoc_statements.txt --window 1024 --max-new-tokens 64 \
-		--prompt "In one sentence: what does the with statement do?"
+	$(PY) -m jobs.precompute --store $(DEMO)/store
+	$(EXTEMB) ask --store $(DEMO)/store --window 4096 --max-new-tokens 64 \
+		"What does the with statement do?" \
+		"How do I raise an exception from another one?" \
+		"What is the difference between a list and a tuple?"
 
 # make precompute CORPUS=../shared/data/books STORE=out/books   (no CORPUS: the pydoc topics of this Python)
 precompute: setup
@@ -52,6 +53,7 @@ eval: setup
 bench: setup
 	$(PY) -m jobs.bench_online_memory --lengths 8192 16384 32768 --k 16 --window 4096
 	$(PY) -m jobs.bench_precompute --out out/bench
+	$(PY) -m jobs.bench_query --window 1024 --out out/bench/query.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

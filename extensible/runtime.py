@@ -22,7 +22,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .downscale import METHODS, downscale_chunk
 from .embedder import ExtensibleEmbedder
-from .errors import UserError
+from .errors import ContextTooLongError, UserError
 from .layout import Layout
 
 
@@ -220,6 +220,33 @@ class ExtensibleLM:
             if stop is not None:
                 break
         return new
+
+    def compose(self, segments) -> torch.Tensor:
+        """[1, n, hidden] LLM input from segments in order: 1-D token ids (read as tokens) or [m, hidden] extensible
+        embeddings (read as they are), e.g. a prompt, then several documents' embeddings, then a question."""
+        parts = []
+        for segment in segments:
+            segment = torch.as_tensor(segment)
+            if segment.ndim == 1:
+                parts.append(self.llm.get_input_embeddings()(segment.long().to(self.device)))
+            elif segment.ndim == 2 and segment.shape[1] == self.hidden_size:
+                parts.append(segment.to(self.device, self.llm.dtype))
+            else:
+                raise UserError(f"a segment must be token ids or [m, {self.hidden_size}] embeddings, got {tuple(segment.shape)}")
+        return torch.cat(parts)[None]
+
+    @torch.no_grad()
+    def generate_embeds(self, embeds: torch.Tensor, max_new_tokens: int = 64, **generate_kwargs) -> list[int]:
+        """Greedy (by default) answer to a composed input that, with the answer, must fit the window."""
+        if embeds.shape[1] + max_new_tokens > self.window:
+            raise ContextTooLongError(f"the input ({embeds.shape[1]} positions) and the answer ({max_new_tokens} tokens) "
+                                      f"exceed the window of {self.window}")
+        eos = self.llm.generation_config.eos_token_id
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id or (eos[0] if isinstance(eos, list) else eos))
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return out[0].tolist()
 
     def stream(self, k: int, block: int = 256) -> OnlineSession:
         return OnlineSession(self, k, block)

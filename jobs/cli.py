@@ -140,6 +140,61 @@ def cmd_store(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_index(args) -> None:
+    from rag.index import build_index
+    from storage.store import Store
+
+    store = Store.open(args.store)
+    encoder = None
+    if args.encoder == "embedder-mean":  # passages come from the stored outputs; no model is needed to index
+        from rag.encoders import EmbedderMeanEncoder
+
+        encoder = EmbedderMeanEncoder()
+    folder = build_index(store, args.encoder, encoder)
+    meta = json.loads((folder / "meta.json").read_text())
+    print(f"indexed {meta['passages']:,} passages of {meta['documents']} documents into {folder}")
+
+
+def _print_answer(answer, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(answer.to_dict()))
+        return
+    print(f"Q: {answer.question}\nA: {answer.answer}")
+    for source in answer.sources:
+        print(f"   source: {source.source} (score {source.score:.3f}; read {source.chunks_read}/{source.chunks_total} "
+              f"chunks at k={source.k_min}" + (f"..{source.k_max}" if source.k_max != source.k_min else "") + ")")
+    print(f"   [{answer.input_positions} input positions, {answer.seconds:.1f} s, {answer.strategy}]")
+
+
+def cmd_ask(args) -> None:
+    from rag.library import Library
+
+    library = Library(args.store, encoder=args.encoder, model=args.model, plugin=args.plugin, window=args.window)
+    for question in args.question:
+        answer = library.answer(question, documents=args.documents, strategy=args.strategy,
+                                max_new_tokens=args.max_new_tokens)
+        _print_answer(answer, args.json)
+
+
+def cmd_eval_qa(args) -> None:
+    from pathlib import Path
+
+    from rag.qa_eval import evaluate_qa, parse_qa_methods, qa_markdown
+
+    methods = parse_qa_methods(args.methods)
+    lm = _runtime(args)
+    rows, predictions = evaluate_qa(lm, args.data, methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
+    report = qa_markdown(rows)
+    print(report)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        out.with_suffix(".md").write_text(report)
+        out.with_name(out.stem + ".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        print(f"wrote {out}, {out.with_suffix('.md')} and the predictions beside them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extemb", description="Extensible embeddings for a frozen short-window LLM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     _model_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    idx = sub.add_parser("index", help="build the passage index (faiss) beside a store")
+    idx.add_argument("store")
+    idx.add_argument("--encoder", default="minilm", help="minilm (default) or embedder-mean")
+    idx.set_defaults(func=cmd_index)
+
+    ask = sub.add_parser("ask", help="answer questions from a stored library")
+    ask.add_argument("question", nargs="+")
+    ask.add_argument("--store", required=True)
+    ask.add_argument("--documents", type=_positive, default=2, help="documents read per question (default 2)")
+    ask.add_argument("--strategy", default="adaptive", help="adaptive (one k, the smallest that fits) or graded")
+    ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
+    ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
+    ask.add_argument("--max-new-tokens", type=_positive, default=96)
+    ask.add_argument("--model", help="HF causal LM the store was built with (default: the embedded SmolLM2)")
+    ask.add_argument("--plugin", help="plug-in the store was built with (default: the shipped one)")
+    ask.add_argument("--json", action="store_true")
+    ask.set_defaults(func=cmd_ask)
+
+    qa = sub.add_parser("eval-qa", help="QA on L-Eval-format files: window vs extensible embeddings")
+    qa.add_argument("--data", nargs="+", required=True, help="L-Eval .jsonl files")
+    qa.add_argument("--methods", default="window,ext:adaptive", help="comma-separated: window, full, ext:adaptive, "
+                    "ext:graded, ext:K")
+    qa.add_argument("--limit", type=_positive, default=None, help="questions per file")
+    qa.add_argument("--max-new-tokens", type=_positive, default=64)
+    qa.add_argument("--json", help="write the rows here (a .md table and the predictions beside it)")
+    _model_args(qa)
+    qa.set_defaults(func=cmd_eval_qa)
     return parser
 
 

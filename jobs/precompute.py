@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per CPU actor")
     parser.add_argument("--commit-every", type=int, default=64, help="commit the manifest every N documents "
                         "(and every 5 s): a killed job loses at most that much work")
+    parser.add_argument("--text-column", default="text", help="text field of .jsonl/Parquet records (L-Eval: input)")
+    parser.add_argument("--index", default="minilm", help="passage index to (re)build after: minilm (default), "
+                        "embedder-mean, or none")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON too")
 
 
@@ -27,8 +30,19 @@ def run(args) -> int:
     from pipeline.precompute import precompute
 
     summary = precompute(args.corpus or None, args.store, model=args.model, plugin=args.plugin, chunk_size=args.chunk,
-                         workers=args.workers, threads=args.threads, commit_every=args.commit_every)
+                         workers=args.workers, threads=args.threads, commit_every=args.commit_every,
+                         text_column=args.text_column)
     print("\n".join(summary.lines()))
+    if args.index != "none":
+        from rag.encoders import EmbedderMeanEncoder
+        from rag.index import build_index, index_path, store_digest
+        from storage.store import Store
+
+        store = Store.open(args.store)
+        meta = index_path(store, args.index) / "meta.json"
+        if len(store) and (not meta.exists() or json.loads(meta.read_text())["store_digest"] != store_digest(store)):
+            encoder = EmbedderMeanEncoder() if args.index == "embedder-mean" else None
+            print(f"passage index: {build_index(store, args.index, encoder)}")
     if args.json:
         print(json.dumps({**vars(summary), "tokens_per_s": summary.tokens_per_s}))
     return 0

@@ -102,12 +102,12 @@ def _disk_bytes(path: Path) -> int:
 
 def precompute(corpus: str | None, store_path: str, model: str | None = None, plugin: str | None = None,
                chunk_size: int | None = None, workers: int = 1, threads: int | None = None, commit_every: int = 64,
-               commit_seconds: float = 5.0, progress: bool = True) -> Summary:
+               commit_seconds: float = 5.0, progress: bool = True, text_column: str = "text") -> Summary:
     """Embeds ``corpus`` into the store at ``store_path``; commits every ``commit_every`` documents or
     ``commit_seconds``, whichever comes first, so a killed job loses at most that much work."""
     import ray
 
-    report = scan_corpus(corpus)
+    report = scan_corpus(corpus, text_column)
     if not report.documents and not report.problems:
         from extensible.errors import UserError
 

@@ -286,6 +286,29 @@ class StoredDocument:
         grouped = torch.from_numpy(taken.astype(np.float32)).view(chunks, size, self.store.hidden)
         return torch.cat([downscale_chunk(grouped[i], k, "mean") for i in range(chunks)]).numpy().astype(np.float16)
 
+    def chunk_length(self, chunk: int) -> int:
+        size = self.row["chunk_size"]
+        return min(size, len(self) - chunk * size)
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-len(self) // self.row["chunk_size"])
+
+    def downscaled_chunks(self, ks: dict[int, int], method: str = "strided", seed: int = 0) -> dict[int, np.ndarray]:
+        """Each listed chunk (a last partial one too) down-scaled at its own k, in one read of only the rows needed."""
+        size = self.row["chunk_size"]
+        needed = {i: rows_needed(self.chunk_length(i), k, method, seed, i) for i, k in ks.items()}
+        rows = np.concatenate([i * size + needed[i] for i in ks] or [[]]).astype(int)
+        taken = self.take(rows) if len(rows) else np.zeros((0, self.store.hidden), dtype=np.float16)
+        result, start = {}, 0
+        for i, k in ks.items():
+            part = taken[start : start + len(needed[i])]
+            start += len(needed[i])
+            if method == "mean":
+                part = downscale_chunk(torch.from_numpy(part.astype(np.float32)), k, "mean").numpy().astype(np.float16)
+            result[i] = part
+        return result
+
     def _strided_prefix(self, n_rows: int, k: int) -> np.ndarray:
         parts = []
         for start, stop in self.order.blocks():

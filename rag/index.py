@@ -1,0 +1,129 @@
+"""The passage index beside a store: a faiss inner-product index plus a Parquet table of what each vector is.
+
+Folder ``<store>/index/<encoder>/``::
+
+    vectors.faiss     faiss.write_index of an exact inner-product index (vectors are L2-normalised: cosine)
+    passages.parquet  one row per vector: doc_id, content_hash, chunk, char_start, char_end
+    meta.json         encoder, dimension, and the digest of the store's documents it covers
+
+No pickle anywhere. A build writes a temporary folder and renames it into place, so a killed build leaves the old
+index (or none). An index whose digest differs from the store's current documents is stale and is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from extensible.errors import UserError
+from storage.store import Store
+
+from .encoders import ENCODERS, EmbedderMeanEncoder, MiniLMEncoder
+
+INDEX_DIR = "index"
+
+
+def store_digest(store: Store) -> str:
+    """Identifies the set of documents in a store (order-free)."""
+    return hashlib.sha256("\n".join(sorted(store.stored_hashes())).encode()).hexdigest()[:16]
+
+
+def index_path(store: Store, encoder: str) -> Path:
+    return store.path / INDEX_DIR / encoder
+
+
+def make_encoder(name: str, lm=None):
+    if name not in ENCODERS:
+        raise UserError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    return MiniLMEncoder() if name == "minilm" else EmbedderMeanEncoder(lm)
+
+
+def build_index(store: Store, encoder_name: str = "minilm", encoder=None, progress: bool = True) -> Path:
+    """Encodes every passage of the store and writes the index folder atomically; returns it."""
+    documents = store.documents()
+    if not documents:
+        raise UserError(f"the store {store.path} is empty; run: make precompute STORE={store.path}")
+    encoder = encoder or make_encoder(encoder_name)
+    rows, vectors = [], []
+    for document in tqdm(documents, desc=f"indexing passages ({encoder_name})", unit="doc", disable=not progress):
+        offsets = document.row["chunk_char_offsets"]
+        if encoder_name == "minilm":
+            text = store.text(document.row)
+            chunks, spans = encoder.passages(text, offsets)
+            vectors.append(encoder.encode([text[a:b] for a, b in spans]))
+        else:
+            chunks = list(range(document.num_chunks))
+            spans = list(zip(offsets[:-1], offsets[1:]))
+            vectors.append(encoder.chunk_vectors(document))
+        rows += [{"doc_id": document.row["doc_id"], "content_hash": document.row["content_hash"], "chunk": chunk,
+                  "char_start": start, "char_end": stop} for chunk, (start, stop) in zip(chunks, spans)]
+    matrix = np.concatenate(vectors).astype(np.float32)
+    index = faiss.IndexFlatIP(matrix.shape[1])
+    index.add(matrix)
+
+    target = index_path(store, encoder_name)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    faiss.write_index(index, str(tmp / "vectors.faiss"))
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "passages.parquet")
+    (tmp / "meta.json").write_text(json.dumps({
+        "encoder": encoder_name, "dimension": int(matrix.shape[1]), "passages": len(rows),
+        "documents": len(documents), "store_digest": store_digest(store), "created": time.time(),
+    }, indent=2))
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@dataclass
+class Hit:
+    doc_id: str
+    content_hash: str
+    chunk: int
+    char_start: int
+    char_end: int
+    score: float
+
+
+class PassageIndex:
+    def __init__(self, store: Store, encoder_name: str, index, passages: list[dict], meta: dict):
+        self.store, self.encoder_name, self.index, self.passages, self.meta = store, encoder_name, index, passages, meta
+
+    @classmethod
+    def open(cls, store: Store, encoder_name: str = "minilm") -> PassageIndex:
+        folder = index_path(store, encoder_name)
+        hint = f"run: extemb index {store.path} --encoder {encoder_name}"
+        if not (folder / "meta.json").exists():
+            raise UserError(f"no {encoder_name} passage index in {store.path}; {hint}")
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta["store_digest"] != store_digest(store):
+            raise UserError(f"the {encoder_name} passage index of {store.path} is stale (built for "
+                            f"{meta['documents']} documents, the store now holds {len(store)}); {hint}")
+        index = faiss.read_index(str(folder / "vectors.faiss"))
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-gpu: search on the GPU
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        passages = pq.read_table(folder / "passages.parquet").to_pylist()
+        if index.ntotal != len(passages):
+            raise UserError(f"the {encoder_name} passage index of {store.path} is damaged "
+                            f"({index.ntotal} vectors, {len(passages)} passages); {hint}")
+        return cls(store, encoder_name, index, passages, meta)
+
+    def search(self, vector: np.ndarray, top: int = 10) -> list[Hit]:
+        """The ``top`` passages nearest to one normalised query vector, best first."""
+        scores, ids = self.index.search(np.asarray(vector, dtype=np.float32).reshape(1, -1), min(top, self.index.ntotal))
+        return [Hit(**self.passages[i], score=float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]

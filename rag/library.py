@@ -1,0 +1,226 @@
+"""Long-document QA over a stored library: retrieve, choose k per chunk to fit the window, answer with the frozen LLM.
+
+The LLM's input, in the model's chat template (one user turn)::
+
+    [template start] + for each document: "Document n (name):\\n" [its extensible embeddings] "\\n\\n"
+                     + question + [template end, assistant turn]
+
+The embeddings are the stored full-resolution outputs, down-scaled at the planned k: only those rows are read from
+Zarr, and the embedder never runs at query time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from extensible.downscale import downscale_chunk
+from extensible.errors import ContextTooLongError, UserError
+from extensible.models import base_fingerprint
+from storage.store import Store, StoredDocument, embedder_fingerprint, llm_fingerprint
+
+from .index import PassageIndex, make_encoder
+from .plan import Unit, plan
+
+PLACEHOLDER = "\u0000DOCUMENTS\u0000"
+
+
+class InMemoryDocument:
+    """Full-resolution outputs held in memory ([n_tokens, hidden]), read like a StoredDocument (online mode)."""
+
+    def __init__(self, outputs: torch.Tensor, chunk_size: int):
+        self.outputs, self.chunk_size = outputs, chunk_size
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-len(self) // self.chunk_size)
+
+    def chunk_length(self, chunk: int) -> int:
+        return min(self.chunk_size, len(self) - chunk * self.chunk_size)
+
+    def downscaled_chunks(self, ks: dict[int, int], method: str = "strided", seed: int = 0) -> dict[int, torch.Tensor]:
+        size = self.chunk_size
+        return {i: downscale_chunk(self.outputs[i * size : i * size + self.chunk_length(i)], k, method, seed, i)
+                for i, k in ks.items()}
+
+
+def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the documents, in the model's chat template when it has one."""
+    content = f"{PLACEHOLDER}{question.strip()}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = content + "\n"
+    before, after = text.split(PLACEHOLDER)
+    encode = lambda part: tokenizer(part, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(before), encode(after)
+
+
+@dataclass
+class Source:
+    doc_id: str
+    source: str
+    score: float  # best passage score (cosine), NaN when the document was given, not retrieved
+    passages: list[dict] = field(default_factory=list)  # the hits: chunk, characters, score, text
+    chunks_read: int = 0
+    chunks_total: int = 0
+    k_min: int = 0
+    k_max: int = 0
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    sources: list[Source]
+    strategy: str
+    input_positions: int
+    new_tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compose_and_answer(lm, question: str, documents: list, relevance: list[dict[int, float]], names: list[str] | None,
+                       strategy: str = "adaptive", max_new_tokens: int = 96, max_k: int = 32, min_k: int = 1,
+                       token_ids: list | None = None, **generate_kwargs) -> tuple[str, list[tuple[int, int, int, int]], int, int]:
+    """Plans k, reads the rows, composes the input and generates.
+
+    ``documents`` are StoredDocument or InMemoryDocument; ``names`` head each document (None: no headers); with
+    ``token_ids`` (per document), a chunk planned at k=1 is read as its plain tokens, which cost the same positions
+    and which the LLM reads natively. Returns (answer, per document (chunks read, chunks, k_min, k_max), input
+    positions, new tokens)."""
+    tokenizer = lm.tokenizer
+    before, after = prompt_parts(tokenizer, question)
+    headers = [tokenizer(f"Document {n + 1} ({name}):\n", add_special_tokens=False)["input_ids"] if names else []
+               for n, name in enumerate(names or documents)]
+    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    raw = len(before) + len(after) + sum(len(h) + len(separator) for h in headers)
+    if len(before) + len(after) + max_new_tokens > lm.window:
+        raise ContextTooLongError(f"the question ({len(before) + len(after)} tokens with the template) and the "
+                                  f"answer ({max_new_tokens}) do not fit the window of {lm.window}")
+    units = [Unit(d, c, doc.chunk_length(c), relevance[d].get(c, float("-inf")))
+             for d, doc in enumerate(documents) for c in range(doc.num_chunks)]
+    chosen = plan(units, len(documents), lm.window - raw - max_new_tokens, strategy, max_k=min(max_k, lm.chunk_size),
+                  min_k=min_k)
+    segments, stats = [torch.tensor(before)], []
+    for d, doc in enumerate(documents):
+        ks = chosen.ks[d]
+        ids = token_ids[d] if token_ids else None
+        raw_chunks = {c for c, k in ks.items() if k == 1 and ids is not None}
+        rows = doc.downscaled_chunks({c: min(k, doc.chunk_length(c)) for c, k in ks.items() if c not in raw_chunks},
+                                     lm.method, lm.seed)
+        size = doc.chunk_size
+        parts = [torch.as_tensor(ids[c * size : (c + 1) * size]) if c in raw_chunks else torch.as_tensor(rows[c])
+                 for c in ks]
+        segments += [torch.tensor(headers[d]), *parts, torch.tensor(separator)]
+        span = chosen.k_range(d) or (0, 0)
+        stats.append((len(ks), doc.num_chunks, *span))
+    segments.append(torch.tensor(after))
+    embeds = lm.compose(segments)
+    new = lm.generate_embeds(embeds, max_new_tokens, **generate_kwargs)
+    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return answer, stats, embeds.shape[1], len(new)
+
+
+class Library:
+    """A store, its passage index and the frozen LLM with its embedder; everything heavy loads on first use."""
+
+    def __init__(self, store: str | Path | Store, lm=None, encoder: str = "minilm", model: str | None = None,
+                 plugin: str | None = None, window: int = 4096):
+        self.store = store if isinstance(store, Store) else Store.open(store)
+        if len(self.store) == 0:
+            raise UserError(f"the store {self.store.path} is empty; run: make precompute STORE={self.store.path}")
+        self.encoder_name, self.model, self.plugin, self.window = encoder, model, plugin, window
+        self._lm, self._index, self._encoder = lm, None, None
+        if lm is not None:
+            self.check_compatible(lm)
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            from extensible.plugins import load_extensible
+
+            lm = load_extensible(self.model, self.plugin, window=self.window, chunk_size=self.store.chunk_size)
+            self.check_compatible(lm)
+            self._lm = lm
+        return self._lm
+
+    def check_compatible(self, lm) -> None:
+        """The store must hold this embedder's outputs for this LLM: other vectors would be silently wrong."""
+        attrs = self.store.attrs
+        mine = {"embedder_fingerprint": embedder_fingerprint(lm.embedder),
+                "llm_fingerprint": llm_fingerprint(base_fingerprint(lm.llm, lm.tokenizer))}
+        clash = [f"{key}: store {attrs.get(key)} vs runtime {value}" for key, value in mine.items() if attrs.get(key) != value]
+        if clash:
+            raise UserError(f"{self.store.path} was built by another embedder or LLM ({'; '.join(clash)}); pass the "
+                            "--model/--plugin it was built with, or rebuild it with make precompute")
+        if lm.chunk_size != self.store.chunk_size:
+            raise UserError(f"{self.store.path} holds {self.store.chunk_size}-token chunks, the runtime uses {lm.chunk_size}")
+
+    @property
+    def index(self) -> PassageIndex:
+        if self._index is None:
+            self._index = PassageIndex.open(self.store, self.encoder_name)
+        return self._index
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = make_encoder(self.encoder_name, self.lm if self.encoder_name == "embedder-mean" else None)
+        return self._encoder
+
+    def search(self, question: str, documents: int | None = 2, passages: int = 20) -> list[Source]:
+        """The ``documents`` best documents (None: all found) by their best passage among the ``passages`` nearest
+        to the question."""
+        if not question.strip():
+            raise UserError("the question is empty")
+        index = self.index  # before the encoder: a missing index fails fast
+        hits = index.search(self.encoder.encode([question])[0], passages)
+        by_doc: dict[str, Source] = {}
+        texts: dict[str, str] = {}
+        rows = {row["doc_id"]: row for row in self.store.manifest().to_pylist()}
+        for hit in hits:
+            row = rows[hit.doc_id]
+            source = by_doc.setdefault(hit.doc_id, Source(hit.doc_id, row["source"], hit.score))
+            text = texts.setdefault(hit.doc_id, self.store.text(row))
+            source.passages.append({"chunk": hit.chunk, "char_start": hit.char_start, "char_end": hit.char_end,
+                                    "score": hit.score, "text": text[hit.char_start : hit.char_end]})
+        return sorted(by_doc.values(), key=lambda s: s.score, reverse=True)[:documents]
+
+    def answer(self, question: str, documents: int = 2, strategy: str = "adaptive", max_new_tokens: int = 96,
+               sources: list[Source] | None = None, max_k: int = 32, **generate_kwargs) -> Answer:
+        """Answers from the extensible embeddings of the retrieved documents (or of ``sources`` when given)."""
+        start = time.perf_counter()
+        sources = sources if sources is not None else self.search(question, documents)
+        if not sources:
+            raise UserError("no document to answer from")
+        lm = self.lm
+        ordered = sources[::-1]  # the most relevant document nearest to the question
+        stored = [self.store.document(s.doc_id) for s in ordered]
+        relevance = [{} for _ in ordered]
+        for d, source in enumerate(ordered):
+            for passage in source.passages:
+                chunk = passage["chunk"]
+                relevance[d][chunk] = max(relevance[d].get(chunk, float("-inf")), passage["score"])
+        names = [Path(s.source).name for s in ordered]
+        token_ids = [lm.tokenizer(self.store.text(doc.row), add_special_tokens=False)["input_ids"] for doc in stored]
+        if any(len(ids) != len(doc) for ids, doc in zip(token_ids, stored)):
+            raise UserError(f"{self.store.path} was tokenised by another tokenizer")
+        text, stats, positions, new = compose_and_answer(lm, question, stored, relevance, names, strategy,
+                                                         max_new_tokens, max_k, token_ids=token_ids, **generate_kwargs)
+        for source, (read, total, k_min, k_max) in zip(ordered, stats):
+            source.chunks_read, source.chunks_total, source.k_min, source.k_max = read, total, k_min, k_max
+        return Answer(question, text, sources, strategy, positions, new, time.perf_counter() - start)
+
+    def source_for(self, doc_id: str) -> Source:
+        document: StoredDocument = self.store.document(doc_id)
+        return Source(doc_id, document.row["source"], float("nan"))

@@ -1,0 +1,271 @@
+"""The RAG layer on a tiny random Llama store with the real all-MiniLM-L6-v2: planning k, reading only the planned
+rows, the passage index (and its staleness), answers, LangChain, the CLI, and the QA metrics/evaluation."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from langchain_core.messages import AIMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+
+from extensible import UserError
+from extensible.downscale import downscale_chunk, num_kept
+from extensible.errors import ContextTooLongError
+from extensible.plugins import load_extensible
+from jobs.cli import main
+from pipeline.precompute import precompute
+from rag.index import PassageIndex, build_index
+from rag.langchain import ChatExtensible, ExtensibleLLM, StoreRetriever
+from rag.library import InMemoryDocument, Library, compose_and_answer
+from rag.plan import Unit, plan
+from rag.qa_eval import QAEvaluation, evaluate_qa, exact_match, rouge_l, token_f1
+from storage.store import Store
+
+from .conftest import save_tiny
+
+FILLER = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+TOPICS = {
+    "volcano": "The volcano erupted and red lava and hot magma flowed down the mountain into the burning forest.",
+    "bank": "The bank raised the interest rate on loans and mortgages, and savers moved their deposits.",
+    "football": "The football team scored a late goal and the fans in the stadium cheered for the striker.",
+}
+
+
+def document(seed: int, topic: str) -> str:
+    words = " ".join(np.random.default_rng(seed).choice(FILLER, 300))
+    return f"{words}\n{TOPICS[topic]}\n{words[:400]}\n"
+
+
+@pytest.fixture(scope="module")
+def tiny8(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("tiny8-rag"), layers=8))
+
+
+@pytest.fixture(scope="module")
+def built(tiny8, tmp_path_factory):
+    """A store of three documents with a minilm index, built once by the real Ray job."""
+    root = tmp_path_factory.mktemp("rag")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for seed, topic in enumerate(TOPICS):
+        (corpus / f"{topic}.txt").write_text(document(seed, topic))
+    precompute(str(corpus), str(root / "store"), model=tiny8, chunk_size=16, progress=False)
+    build_index(Store.open(root / "store"), "minilm", progress=False)
+    return root
+
+
+@pytest.fixture
+def store_path(built, tmp_path):
+    shutil.copytree(built / "store", tmp_path / "store")
+    return tmp_path / "store"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny8):
+    return load_extensible(tiny8, chunk_size=16, window=256)
+
+
+# ---- planning k ---------------------------------------------------------------------------------------------------
+
+
+def units(lengths, hits=None):
+    hits = hits or {}
+    return [Unit(0, i, n, hits.get(i, float("-inf"))) for i, n in enumerate(lengths)]
+
+
+def test_adaptive_plan_is_the_smallest_k_that_fits():
+    chunks = units([16] * 10 + [5])
+    for budget in (11, 30, 45, 80, 200):
+        result = plan(chunks, 1, budget, "adaptive", max_k=16)
+        k = result.ks[0][0]
+        assert set(result.ks[0].values()) == {k} and len(result.ks[0]) == 11
+        assert result.slots(chunks) <= budget
+        if k > 1:  # one k finer would not fit
+            assert sum(num_kept(u.length, k - 1) for u in chunks) > budget
+
+
+def test_graded_plan_reads_the_relevant_chunks_finer_and_keeps_the_budget():
+    chunks = units([16] * 12, hits={3: 0.9, 7: 0.5})
+    result = plan(chunks, 1, 40, "graded", max_k=16, min_k=1)
+    ks = result.ks[0]
+    assert result.slots(chunks) <= 40 and len(ks) == 12
+    assert ks[3] <= ks[7] < ks[0] and ks[3] < 16
+    adaptive = plan(chunks, 1, 40, "adaptive", max_k=16).ks[0]
+    assert ks[3] < adaptive[3]  # the best passage gets more slots than a uniform k gives it
+
+
+def test_plan_leaves_out_the_least_relevant_chunks_when_even_max_k_overflows():
+    chunks = units([16] * 10, hits={2: 0.8})
+    result = plan(chunks, 1, 4, "adaptive", max_k=16)
+    assert len(result.ks[0]) == 4 and 2 in result.ks[0] and 9 in result.ks[0]  # the hit, then the most recent
+    with pytest.raises(ContextTooLongError, match="fill the window"):
+        plan(chunks, 1, 0)
+    with pytest.raises(UserError, match="unknown strategy"):
+        plan(chunks, 1, 10, "uniform")
+
+
+# ---- reading only the planned rows -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["strided", "random", "terminal", "mean"])
+def test_downscaled_chunks_read_from_zarr_match_the_in_memory_outputs(store_path, method):
+    stored = Store.open(store_path).documents()[0]
+    full = torch.from_numpy(stored.read().astype(np.float32))
+    last = stored.num_chunks - 1
+    ks = {0: 4, 3: 16, 5: 1, last: 3}  # the last chunk is partial
+    from_store = stored.downscaled_chunks(ks, method, seed=7)
+    in_memory = InMemoryDocument(full, stored.chunk_size).downscaled_chunks(ks, method, seed=7)
+    for chunk, k in ks.items():
+        assert len(from_store[chunk]) == num_kept(stored.chunk_length(chunk), k)
+        assert torch.allclose(torch.from_numpy(from_store[chunk].astype(np.float32)), in_memory[chunk], atol=1e-3)
+    expected = downscale_chunk(full[16 * 3 : 16 * 4], 16, method, 7, 3)
+    assert torch.allclose(torch.from_numpy(from_store[3].astype(np.float32)), expected, atol=1e-3)
+
+
+# ---- the passage index -------------------------------------------------------------------------------------------
+
+
+def test_minilm_index_finds_the_document_on_the_topic(store_path, lm):
+    library = Library(store_path, lm=lm)
+    for topic, question in [("volcano", "Where did the lava from the eruption go?"),
+                            ("bank", "What happened to mortgage interest rates?")]:
+        best = library.search(question, documents=1)[0]
+        assert best.source.endswith(f"{topic}.txt")
+        assert best.passages[0]["text"].strip(" \n") in f"\n{TOPICS[topic]}\n"  # a 16-character piece of the topic
+
+
+def test_embedder_mean_index_is_built_from_the_stored_outputs(store_path, lm):
+    folder = build_index(Store.open(store_path), "embedder-mean", progress=False)
+    meta = json.loads((folder / "meta.json").read_text())
+    stored = Store.open(store_path)
+    assert meta["passages"] == sum(d.num_chunks for d in stored.documents())
+    hits = Library(stored, lm=lm, encoder="embedder-mean").search("lava", documents=3)
+    assert len(hits) >= 1 and all(-1.0001 <= h.score <= 1.0001 for h in hits)
+
+
+def test_missing_and_stale_indexes_are_refused_not_rebuilt(store_path, tiny8, tmp_path):
+    store = Store.open(store_path)
+    with pytest.raises(UserError, match="no embedder-mean passage index.*extemb index"):
+        PassageIndex.open(store, "embedder-mean")
+    before = (store_path / "index" / "minilm" / "vectors.faiss").read_bytes()
+    extra = tmp_path / "more"
+    extra.mkdir()
+    (extra / "football2.txt").write_text(document(9, "football"))
+    precompute(str(extra), str(store_path), model=tiny8, chunk_size=16, progress=False)
+    with pytest.raises(UserError, match="stale.*3 documents, the store now holds 4"):
+        PassageIndex.open(Store.open(store_path), "minilm")
+    assert (store_path / "index" / "minilm" / "vectors.faiss").read_bytes() == before  # nothing rewritten
+    build_index(Store.open(store_path), "minilm", progress=False)
+    assert PassageIndex.open(Store.open(store_path), "minilm").meta["documents"] == 4
+
+
+# ---- answers -----------------------------------------------------------------------------------------------------
+
+
+def test_answer_reads_the_retrieved_documents_within_the_window(store_path, lm):
+    library = Library(store_path, lm=lm)
+    for strategy in ("adaptive", "graded"):
+        answer = library.answer("What flowed down the volcano?", documents=2, strategy=strategy, max_new_tokens=8)
+        assert answer.new_tokens >= 1 and isinstance(answer.answer, str)
+        assert answer.input_positions + 8 <= lm.window
+        assert len(answer.sources) == 2 and answer.sources[0].source.endswith("volcano.txt")
+        for source in answer.sources:
+            assert 1 <= source.k_min <= source.k_max <= 16 and 1 <= source.chunks_read <= source.chunks_total
+
+
+def test_stored_and_in_memory_documents_give_the_same_answer(store_path, lm):
+    stored = Store.open(store_path).documents()[1]
+    ids = torch.tensor(lm.tokenizer(Store.open(store_path).text(stored.row), add_special_tokens=False)["input_ids"])
+    in_memory = InMemoryDocument(torch.from_numpy(stored.read()), 16)  # the same rows, held in memory
+    a = compose_and_answer(lm, "Which team scored?", [stored], [{}], ["doc"], max_new_tokens=6)
+    b = compose_and_answer(lm, "Which team scored?", [in_memory], [{}], ["doc"], max_new_tokens=6)
+    assert a == b and len(ids) == len(stored)
+
+
+def test_bad_questions_and_stores_are_refused(store_path, lm, tiny8, tmp_path):
+    library = Library(store_path, lm=lm)
+    with pytest.raises(ContextTooLongError, match="do not fit the window"):
+        library.answer("why? " * 100, max_new_tokens=8)
+    with pytest.raises(UserError, match="question is empty"):
+        library.search("  ")
+    other = load_extensible(str(save_tiny(tmp_path / "other", layers=8, seed=3)), chunk_size=16, window=256)
+    with pytest.raises(UserError, match="built by another embedder or LLM"):
+        Library(store_path, lm=other)
+    Store.create_or_open(tmp_path / "empty", "e", "l", 64, 16)
+    with pytest.raises(UserError, match="is empty; run: make precompute"):
+        Library(tmp_path / "empty")
+
+
+# ---- LangChain ---------------------------------------------------------------------------------------------------
+
+
+def test_langchain_retriever_chat_model_and_llm(store_path, lm):
+    library = Library(store_path, lm=lm)
+    assert ChatExtensible(store=str(store_path)).library is None  # a cheap constructor: nothing loads
+    retriever = StoreRetriever(library=library, k=3)
+    documents = retriever.invoke("hot magma and lava")
+    assert len(documents) == 3 and documents[0].metadata["source"].endswith("volcano.txt")
+    assert [d.metadata["score"] for d in documents] == sorted((d.metadata["score"] for d in documents), reverse=True)
+    assert len(retriever.invoke("hot magma", k=1)) == 1
+
+    chat = ChatExtensible(library=library, max_new_tokens=6, documents=1)
+    reply = chat.invoke("What flowed down the mountain?")
+    assert isinstance(reply, AIMessage) and reply.response_metadata["sources"][0]["source"].endswith("volcano.txt")
+    given = chat.invoke("Who cheered?", documents=retriever.invoke("football stadium fans", k=2))
+    assert given.response_metadata["sources"][0]["source"].endswith("football.txt")
+    chain = ChatPromptTemplate.from_template("{question}") | chat | StrOutputParser()
+    assert isinstance(chain.invoke({"question": "What did the bank raise?"}), str)
+    text = ExtensibleLLM(library=library, max_new_tokens=6).invoke("What did the bank raise?")
+    assert isinstance(text, str) and "bank raise" not in text  # the answer only, never the prompt
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_index_and_ask(store_path, tiny8, capsys):
+    assert main(["index", str(store_path), "--encoder", "embedder-mean"]) == 0
+    assert "passages of 3 documents" in capsys.readouterr().out
+    code = main(["ask", "--store", str(store_path), "--model", tiny8, "--window", "256", "--max-new-tokens", "4",
+                 "--json", "Where did the lava go?"])
+    answer = json.loads(capsys.readouterr().out)
+    assert code == 0 and answer["sources"][0]["source"].endswith("volcano.txt") and answer["new_tokens"] >= 1
+    assert main(["ask", "--store", str(store_path.parent / "nowhere"), "q"]) == 2
+    assert "no store at" in capsys.readouterr().err
+    shutil.rmtree(store_path / "index")
+    assert main(["ask", "--store", str(store_path), "--model", tiny8, "--window", "256", "q"]) == 2
+    assert "no minilm passage index" in capsys.readouterr().err
+
+
+# ---- QA evaluation -----------------------------------------------------------------------------------------------
+
+
+def test_qa_metrics():
+    assert token_f1("The lava flowed.", "lava flowed") == 1.0
+    assert token_f1("red lava", "lava flowed") == pytest.approx(0.5)
+    assert exact_match("The Lava!", "lava") == 1.0 and exact_match("lava", "magma") == 0.0
+    assert rouge_l("x b c d", "x c d e") == pytest.approx(0.75)  # LCS "x c d": 3 of 4 both ways
+    assert rouge_l("", "x") == 0.0
+
+
+def test_eval_qa_rows_and_methods(lm, tmp_path):
+    record = {"input": document(1, "bank")[-1500:], "instructions": ["What rose?", "Who moved deposits?"],
+              "outputs": ["the interest rate", "savers"], "source": "test", "evaluation": "f1"}
+    data = tmp_path / "bank_qa.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    rows, predictions = evaluate_qa(lm, [str(data)], ["window", "ext:adaptive", "ext:8", "full"], max_new_tokens=4,
+                                    progress=False)
+    by = {(r["task"], r["method"]): r for r in rows}
+    assert by[("bank_qa", "window")]["n"] == 2 and by[("bank_qa", "ext:adaptive")]["n"] == 2
+    assert by[("bank_qa", "full")]["n"] == 2  # 2K positions hold this document
+    assert {r["method"] for r in rows if r["task"] == "all"} == {"window", "ext:adaptive", "ext:8", "full"}
+    assert all(0 <= r["f1"] <= 100 for r in rows) and len(predictions) == 8
+    evaluation = QAEvaluation(lm, max_new_tokens=4)
+    lm.llm.config.max_position_embeddings, positions = 300, lm.llm.config.max_position_embeddings
+    try:
+        assert evaluation.answer("full", "k", record["input"], "What rose?") is None  # does not fit 300 positions
+    finally:
+        lm.llm.config.max_position_embeddings = positions
+    assert main(["eval-qa", "--data", str(data), "--methods", "window,ext:0"]) == 2

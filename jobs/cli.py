@@ -58,6 +58,17 @@ def _resolve_k(lm, k, n_tokens: int) -> int:
     return chosen
 
 
+def _write_rows(path: str, rows: list[dict], report: str):
+    """The rows as JSON at ``path`` and the markdown report beside it."""
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    out.with_suffix(".md").write_text(report)
+    return out
+
+
 def cmd_ppl(args) -> None:
     from extensible.evaluate import tail_perplexity
     from extensible.text import read_text, tokenize
@@ -112,10 +123,7 @@ def cmd_eval_ppl(args) -> None:
     report = markdown_report(rows, per_sample)
     print(report)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n")
-        out.with_suffix(".md").write_text(report)
+        out = _write_rows(args.json, rows, report)
         plot(rows, out.with_suffix(".png"), f"tail {args.tail}, window {lm.window}, chunk {lm.chunk_size}")
         print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
@@ -177,8 +185,6 @@ def cmd_ask(args) -> None:
 
 
 def cmd_eval_qa(args) -> None:
-    from pathlib import Path
-
     from rag.qa_eval import evaluate_qa, parse_qa_methods, qa_markdown
 
     methods = parse_qa_methods(args.methods)
@@ -187,10 +193,7 @@ def cmd_eval_qa(args) -> None:
     report = qa_markdown(rows)
     print(report)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n")
-        out.with_suffix(".md").write_text(report)
+        out = _write_rows(args.json, rows, report)
         out.with_name(out.stem + ".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         print(f"wrote {out}, {out.with_suffix('.md')} and the predictions beside them")
 

@@ -24,14 +24,22 @@ from langchain_core.language_models import LLM, BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.retrievers import BaseRetriever
+from pydantic import BaseModel, ConfigDict
 
 from extensible.errors import UserError
 
 from .library import Answer, Library, Source
 
 
-class _UsesLibrary:
+class _UsesLibrary(BaseModel):
     """A ``library`` given, or one opened from ``store`` on first use."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    library: Any = None
+    store: str | None = None
+    encoder: str = "minilm"
+    window: int = 4096
 
     def get_library(self) -> Library:
         if self.library is None:
@@ -44,10 +52,6 @@ class _UsesLibrary:
 class StoreRetriever(_UsesLibrary, BaseRetriever):
     """The ``k`` passages of the store nearest to the query, as Documents with their place in the store."""
 
-    library: Any = None
-    store: str | None = None
-    encoder: str = "minilm"
-    window: int = 4096
     k: int = 4
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
@@ -90,6 +94,10 @@ def _cut(text: str, stop: list[str] | None) -> str:
 
 
 class _Answers(_UsesLibrary):
+    documents: int = 2
+    strategy: str = "adaptive"
+    max_new_tokens: int = 96
+
     def ask(self, question: str, documents: list[Document] | None, **kwargs) -> Answer:
         sources = sources_from(documents) if documents else None
         return self.get_library().answer(question, documents=self.documents, strategy=self.strategy,
@@ -98,14 +106,6 @@ class _Answers(_UsesLibrary):
 
 class ChatExtensible(_Answers, BaseChatModel):
     """Chat model: answers the last human message from the extensible embeddings of the library's documents."""
-
-    library: Any = None
-    store: str | None = None
-    encoder: str = "minilm"
-    window: int = 4096
-    documents: int = 2
-    strategy: str = "adaptive"
-    max_new_tokens: int = 96
 
     @property
     def _llm_type(self) -> str:
@@ -128,14 +128,6 @@ class ChatExtensible(_Answers, BaseChatModel):
 
 class ExtensibleLLM(_Answers, LLM):
     """Plain LLM: the prompt is the question; returns the answer only, never the prompt."""
-
-    library: Any = None
-    store: str | None = None
-    encoder: str = "minilm"
-    window: int = 4096
-    documents: int = 2
-    strategy: str = "adaptive"
-    max_new_tokens: int = 96
 
     @property
     def _llm_type(self) -> str:

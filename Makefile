@@ -10,6 +10,7 @@ CORPUS ?=
 STORE ?= out/store
 BOOKS ?= ../shared/data/books
 HELD_OUT ?= austen_persuasion chesterton_thursday wells_war_of_the_worlds
+LEVAL ?= ../shared/data/leval
 
 .PHONY: setup test demo precompute train eval bench clean
 
@@ -46,14 +47,29 @@ train: setup
 		--lr 5e-4 --warmup 20 --steps 1200 --ks 4 8 16 32 --chunk 256 --sample-tokens 2048 --save-every 20 \
 		$(if $(MINUTES),--max-minutes $(MINUTES))
 
+# The perplexity protocol on the held-out books (W = 1024, tail 512; 7680 + 512 = 8192 = SmolLM2's positions, so
+# full attention is the upper bound there), the paper's session policy and the untrained embedder beside it, RoPE
+# scaling past 8K, the Table 6 grid (k x L), then QA on the L-Eval files. ~60 minutes on 2 CPU cores.
+HELD_OUT_FILES = $(foreach b,$(HELD_OUT),$(BOOKS)/$(b).txt)
 eval: setup
-	$(EXTEMB) eval-ppl --data $(foreach b,$(HELD_OUT),$(BOOKS)/$(b).txt) --window 1024 --context 1024 4096 8192 \
-		--tail 512 --samples 2 --methods window,full,ext:16,ext:adaptive --json out/eval/ppl.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 16384 --tail 512 --samples 3 \
+		--methods window,full,streaming,ext:8,ext:16,ext:32,ext:adaptive --json out/eval/ppl.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 --tail 512 --samples 3 \
+		--methods window,ext:16,ext:32 --policy session --json out/eval/ppl_session.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 4096 7680 --tail 512 --samples 3 \
+		--methods window,ext:16 --untrained --chunk 256 --json out/eval/ppl_untrained.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 16384 --tail 512 --samples 1 \
+		--methods window,pi,ntk,ext:32 --json out/eval/ppl_rope.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 2048 4096 7680 16384 --tail 512 \
+		--samples 1 --methods window,ext:2,ext:4,ext:8,ext:16,ext:32 --json out/eval/ppl_grid.json
+	$(EXTEMB) eval-qa --data $(LEVAL)/*.jsonl --window 1024 --methods window,ext:adaptive,full --limit 8 \
+		--json out/eval/qa.json
 
 bench: setup
 	$(PY) -m jobs.bench_online_memory --lengths 8192 16384 32768 --k 16 --window 4096
 	$(PY) -m jobs.bench_precompute --out out/bench
 	$(PY) -m jobs.bench_query --window 1024 --out out/bench/query.json
+	$(PY) -m jobs.bench_train --out out/bench/train.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

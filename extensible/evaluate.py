@@ -203,22 +203,34 @@ def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window"
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path, title: str = "") -> None:
+def plot(rows: list[dict], path, title: str = "", baseline: str = "window") -> None:
+    """PPL vs context length, one line per method; beside it, each method relative to the baseline on the same
+    samples (samples differ between context lengths, so the ratio is what compares across them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(row["method"] for row in rows):
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    base = {row["context"]: row["ppl"] for row in rows if row["method"] == baseline}
+    fig, axes = plt.subplots(1, 2 if base else 1, figsize=(12 if base else 7, 4.5), squeeze=False)
+    for method in methods:
         points = sorted((row["context"], row["ppl"]) for row in rows if row["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens before the tail)")
-    ax.set_ylabel("perplexity of the tail")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        axes[0, 0].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        if base:
+            relative = [(c, ppl / base[c]) for c, ppl in points if c in base]
+            axes[0, 1].plot([p[0] for p in relative], [p[1] for p in relative], marker="o", label=method)
+    axes[0, 0].set_ylabel("perplexity of the tail")
+    axes[0, 0].set_title(title)
+    if base:
+        axes[0, 1].axhline(1.0, color="grey", linewidth=0.8)
+        axes[0, 1].set_ylabel(f"perplexity / {baseline} perplexity (same samples)")
+        axes[0, 1].set_title(f"relative to {baseline} (below 1 = better)")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens before the tail)")
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

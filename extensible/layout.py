@@ -1,4 +1,4 @@
-"""Which part of a context is compressed: the online session rule, shared by online and offline mode.
+"""Which part of a context is compressed: one rule, shared by streaming (online) and offline mode.
 
 A document is cut into chunks of ``chunk_size`` tokens aligned at its first token. With the first ``n`` tokens as
 context, the LLM reads ``[extensible embeddings of chunks 0..c-1] + [tokens c*chunk_size .. n-1]``, and that input
@@ -6,12 +6,15 @@ must fit the window: ``c * ceil(chunk_size / k) + (n - c * chunk_size) <= window
 
 Policies for choosing ``c`` as ``n`` grows:
 
-* ``session`` (the paper's online mode, default): a session keeps adding raw tokens until |Ex| + tokens reaches the
-  window; then every complete chunk of the session becomes extensible embeddings and a new session starts. A
-  trailing partial chunk stays raw (it is compressed when it is complete), so sessions end on chunk boundaries and
-  precomputed per-chunk outputs serve offline mode unchanged.
-* ``sliding``: compress only the oldest raw chunk, one at a time, when the window overflows; keeps the most raw
-  tokens (an ablation).
+* ``sliding`` (default): compress only the oldest raw chunk, one at a time, when the window overflows; keeps the
+  most raw tokens. Measured better than ``session`` on held-out books with the shipped SmolLM2 plug-in (see its
+  model card): the LLM reads recent text best as tokens.
+* ``session`` (the paper's online mode): a session keeps adding raw tokens until |Ex| + tokens reaches the window;
+  then every complete chunk of the session becomes extensible embeddings and a new session starts. Streaming
+  re-reads the window once per session instead of once per chunk, at the price of fewer raw tokens after a switch.
+
+In both, a trailing partial chunk stays raw (it is compressed when it is complete), so precomputed per-chunk outputs
+serve offline mode unchanged.
 
 Because ``c`` is a function of ``n`` alone, offline mode can jump to the state that streaming reaches, which is why
 the two give the same logits.
@@ -32,7 +35,7 @@ class Layout:
     window: int
     chunk_size: int
     k: int
-    policy: str = "session"
+    policy: str = "sliding"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -86,7 +89,7 @@ class Layout:
         return msg + (f"; use k >= {k} or a shorter context" if k else "; use a shorter context or a larger window")
 
 
-def smallest_k(n: int, window: int, chunk_size: int, policy: str = "session") -> int | None:
+def smallest_k(n: int, window: int, chunk_size: int, policy: str = "sliding") -> int | None:
     """The paper's adaptive rule: the smallest k whose compressed context of ``n`` tokens fits the window."""
     for k in range(1, chunk_size + 1):
         if Layout(window, chunk_size, k, policy).capacity() >= n:

@@ -60,7 +60,7 @@ class ExtensibleLM:
         embedder: ExtensibleEmbedder,
         window: int | None = None,
         method: str | None = None,
-        policy: str = "session",
+        policy: str = "sliding",
         seed: int = 0,
         encode_batch: int = 8,
     ):

@@ -37,7 +37,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=_positive, default=None, help="chunk length (default: the plug-in's, 512)")
     parser.add_argument("--layers", type=_positive, default=None, help="layers of a fresh embedder (default 8)")
     parser.add_argument("--method", default=None, help="down-scaling: strided (default), terminal, random, mean")
-    parser.add_argument("--policy", default="session", help="session (paper, default) or sliding")
+    parser.add_argument("--policy", default="sliding", help="sliding (default: compress the oldest chunk when the "
+                        "window overflows, keeping the most raw tokens) or session (the paper's online mode)")
 
 
 def _runtime(args):

@@ -149,14 +149,19 @@ class QAEvaluation:
 
 def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = None, max_new_tokens: int = 64,
                 progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Rows {method, task, n, f1, em, rougeL, seconds} per task and method (plus an ``all`` average per method),
-    and every prediction."""
+    """Rows {method, task, n, f1, em, rougeL, seconds} per task and method (plus an ``all`` average of the tasks per
+    method), and every prediction. ``limit`` questions per file, spread over its documents."""
     evaluation = QAEvaluation(lm, max_new_tokens)
     rows, predictions = [], []
     for file in files:
         task = Path(file).stem
-        questions = [(d, record["input"], q, a) for d, record in enumerate(read_leval(file))
-                     for q, a in zip(record["instructions"], record["outputs"])][:limit]
+        records = read_leval(file)
+        # Round-robin over documents (every document's first question, then every second one, ...), so that a
+        # --limit spreads over documents instead of taking one document's questions.
+        questions = sorted(((j, d, record["input"], q, a) for d, record in enumerate(records)
+                            for j, (q, a) in enumerate(zip(record["instructions"], record["outputs"]))),
+                           key=lambda item: (item[0], item[1]))
+        questions = sorted((item[1:] for item in questions[:limit]), key=lambda item: item[0])  # one encoding per doc
         for method in methods:
             scores, start = [], time.perf_counter()
             for d, document, question, reference in tqdm(questions, desc=f"{task} {method}", disable=not progress):

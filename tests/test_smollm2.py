@@ -79,3 +79,17 @@ def test_cli_ppl_on_the_real_model(tmp_path, capsys):
     assert main(["ppl", str(path), "--k", "8", "--window", "512", "--tail", "128", "--context", "2048", "--chunk", "256", "--untrained"]) == 0
     out = capsys.readouterr().out
     assert "window" in out and "ext:8" in out and "given 2048 tokens of context" in out
+
+
+def test_the_shipped_plugin_is_the_default_and_small(smollm2):
+    from extensible.plugins import SHIPPED, load_embedder
+
+    llm, tokenizer = smollm2
+    embedder = load_embedder(llm, tokenizer)
+    assert embedder.config.trained_steps > 0 and embedder.config.lora_rank  # trained, not a fresh copy
+    files = list((SHIPPED / "smollm2-135m-instruct").iterdir())
+    assert {f.name for f in files} >= {"extensible_config.json", "embedder.safetensors", "README.md"}
+    assert sum(f.stat().st_size for f in files) < 20 * 2**20
+    fresh = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(chunk_size=embedder.config.chunk_size))
+    ids = tokenize(tokenizer, pydoc_topics()["with"])[None, :256]
+    assert not torch.allclose(embedder(ids).float(), fresh(ids).float(), atol=1e-3)  # the trained tensors are loaded

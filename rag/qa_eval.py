@@ -5,8 +5,10 @@ Methods, the same questions for each:
 * ``window``: the document truncated in the middle (its head and its end kept, LongBench's rule) so that the
   prompt and the answer fit the window;
 * ``ext:adaptive`` / ``ext:graded``: the whole document as extensible embeddings at the smallest k that fits (or
-  graded around the chunks nearest to the question); a document that fits the window as plain tokens is read raw;
-* ``ext:K``: a fixed k (chunks that do not fit are left out, the earliest first);
+  graded), as ``extemb ask`` reads a stored document; chunks that do not fit at k=32 are left out, the earliest first;
+* ``ext:K``: the runtime's layout at a fixed k, as ``extemb generate`` reads a file: the oldest chunks compressed, the
+  most recent document tokens raw before the question (the beginning is dropped beyond the layout's capacity);
+* a document that fits the window as plain tokens is read raw by every ``ext`` method;
 * ``full``: the whole document as tokens, only when it fits the model's positions (rows count what was answered).
 
 Metrics (SQuAD-style normalisation): token F1, exact match, ROUGE-L (F-measure of the longest common subsequence).
@@ -137,13 +139,16 @@ class QAEvaluation:
                 return self._raw_answer(parts, doc_ids, len(doc_ids))
             finally:
                 lm.window = window
+        if method not in ("ext:adaptive", "ext:graded"):  # ext:K: the runtime's layout, recent tokens kept raw
+            k = int(method[4:])
+            keep = lm.layout(k).capacity() - (lm.window - room)  # what the template, question and answer leave
+            ids = before + doc_ids[max(0, len(doc_ids) - keep) :] + separator + after
+            new = lm.generate(torch.tensor(ids), k, max_new_tokens=self.max_new_tokens)
+            return lm.tokenizer.decode(new, skip_special_tokens=True).strip()
         if key not in self._outputs:  # one encoding per document, shared by its questions (offline mode)
             self._outputs = {key: InMemoryDocument(lm.encode(torch.tensor(doc_ids)), lm.chunk_size)}
-        fixed = method not in ("ext:adaptive", "ext:graded")
-        strategy = "adaptive" if fixed else method[4:]
-        k_max = int(method[4:]) if fixed else 32
-        text, *_ = compose_and_answer(lm, question, [self._outputs[key]], [{}], None, strategy, self.max_new_tokens,
-                                      max_k=k_max, min_k=k_max if fixed else 1, token_ids=[doc_ids])
+        text, *_ = compose_and_answer(lm, question, [self._outputs[key]], [{}], None, method[4:], self.max_new_tokens,
+                                      max_k=32, token_ids=[doc_ids])
         return text
 
 

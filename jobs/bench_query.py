@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.report import write_rows
+
 QUESTION = "What does the with statement do?"
 KINDS = ("window", "offline-32k", "offline-8k", "full-8k")
 LENGTHS = {"window": 32768, "offline-32k": 32768, "offline-8k": 8000, "full-8k": 8000}
@@ -136,10 +138,7 @@ def main() -> None:
             print(f"{kind:>12}: {rows[kind]['seconds']:.2f} s, peak RSS {rows[kind]['peak_rss_mib']:.0f} MiB", flush=True)
     text = report(rows, args.window)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
-    out.with_suffix(".md").write_text(text)
+    write_rows(args.out, list(rows.values()), text)
 
 
 if __name__ == "__main__":

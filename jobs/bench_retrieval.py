@@ -12,6 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from jobs.report import write_rows
 from pipeline.precompute import precompute
 from rag.encoders import EmbedderMeanEncoder
 from rag.index import build_index
@@ -48,10 +49,7 @@ def main() -> None:
     lines += [f"| {r['task']} | {r['encoder']} | {r['questions']} | {r['recall@1']:.2f} | {r['recall@5']:.2f} "
               f"| {r['document@1']:.2f} |" for r in results]
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_rows(args.out, results, "\n".join(lines))
 
 
 if __name__ == "__main__":

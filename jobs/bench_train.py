@@ -12,10 +12,11 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from jobs.report import write_rows
 
 
 def timed(step, repeats: int) -> float:
@@ -30,8 +31,8 @@ def timed(step, repeats: int) -> float:
 
 def main() -> None:
     from extensible.embedder import EmbedderConfig
-    from extensible.plugins import load_embedder
     from extensible.models import load_llm
+    from extensible.plugins import load_embedder
     from extensible.training import two_stream_loss
     from pipeline.corpus import pydoc_topics
 
@@ -80,10 +81,7 @@ def main() -> None:
     lines = [f"| {args.tokens} tokens | s / step | tokens/s | vs LLM alone |", "|---|---:|---:|---:|"]
     lines += [f"| {r['what']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {seconds / r['seconds']:.2f}x |" for r in rows]
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_rows(args.out, rows, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from extensible.errors import UserError
+from jobs.report import write_rows
 
 
 def _k(value: str) -> int | str:
@@ -57,17 +58,6 @@ def _resolve_k(lm, k, n_tokens: int) -> int:
     if chosen is None:
         raise UserError(f"{n_tokens} tokens do not fit window {lm.window} at any k; raise --window")
     return chosen
-
-
-def _write_rows(path: str, rows: list[dict], report: str):
-    """The rows as JSON at ``path`` and the markdown report beside it."""
-    from pathlib import Path
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
-    out.with_suffix(".md").write_text(report)
-    return out
 
 
 def cmd_ppl(args) -> None:
@@ -124,7 +114,7 @@ def cmd_eval_ppl(args) -> None:
     report = markdown_report(rows, per_sample)
     print(report)
     if args.json:
-        out = _write_rows(args.json, rows, report)
+        out = write_rows(args.json, rows, report)
         plot(rows, out.with_suffix(".png"), f"tail {args.tail}, window {lm.window}, chunk {lm.chunk_size}")
         print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
@@ -194,7 +184,7 @@ def cmd_eval_qa(args) -> None:
     report = qa_markdown(rows)
     print(report)
     if args.json:
-        out = _write_rows(args.json, rows, report)
+        out = write_rows(args.json, rows, report)
         out.with_name(out.stem + ".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         print(f"wrote {out}, {out.with_suffix('.md')} and the predictions beside them")
 

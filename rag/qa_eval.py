@@ -110,7 +110,7 @@ def truncate_middle(ids: list[int], keep: int) -> list[int]:
 class QAEvaluation:
     def __init__(self, lm, max_new_tokens: int = 64):
         self.lm, self.max_new_tokens = lm, max_new_tokens
-        self._outputs: dict[int, InMemoryDocument] = {}
+        self._outputs: dict[tuple, InMemoryDocument] = {}  # the last document encoded, by (file, index)
 
     def _raw_answer(self, parts: tuple[list[int], list[int], list[int]], doc_ids: list[int], keep: int) -> str:
         before, separator, after = parts

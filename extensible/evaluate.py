@@ -37,20 +37,22 @@ class Sample:
     ids: torch.Tensor  # context + tail tokens
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, base: tuple[str, ...] = BASE_METHODS, named_ext: tuple[str, ...] = ("adaptive",)) -> list[str]:
+    """Comma-separated methods: one of ``base``, ``ext:K`` (an integer K >= 1), or ``ext:<name>`` for ``named_ext``."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
+    named = [f"ext:{name}" for name in named_ext]
     for method in methods:
-        if method in BASE_METHODS or method == "ext:adaptive":
+        if method in base or method in named:
             continue
         if method.startswith("ext:"):
             try:
                 k = int(method[4:])
             except ValueError:
-                raise UserError(f"bad method {method!r}: use ext:K with an integer K >= 1, or ext:adaptive") from None
+                raise UserError(f"bad method {method!r}: use ext:K with an integer K >= 1, or {', '.join(named)}") from None
             if k < 1:
                 raise UserError(f"bad method {method!r}: K must be >= 1")
             continue
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(BASE_METHODS)}, ext:K, ext:adaptive")
+        raise UserError(f"unknown method {method!r}; choose from {', '.join([*base, 'ext:K', *named])}")
     if not methods:
         raise UserError("no methods given")
     return methods

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from jobs.report import write_rows
 from pipeline.precompute import precompute
-from rag.encoders import EmbedderMeanEncoder
 from rag.index import build_index
 from rag.library import Library
 from rag.qa_eval import evaluate_retrieval, read_leval
@@ -38,7 +37,7 @@ def main() -> None:
         by_text = {store.text(row): row["doc_id"] for row in store.manifest().to_pylist()}
         library = Library(store)
         for encoder in ("minilm", "embedder-mean"):
-            build_index(store, encoder, EmbedderMeanEncoder() if encoder == "embedder-mean" else None)
+            build_index(store, encoder)
             library.encoder_name, library._index, library._encoder = encoder, None, None
             for task, rs in records.items():
                 questions = [(by_text[r["input"]], q, a) for r in rs if r["input"] in by_text

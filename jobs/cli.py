@@ -143,13 +143,7 @@ def cmd_index(args) -> None:
     from rag.index import build_index
     from storage.store import Store
 
-    store = Store.open(args.store)
-    encoder = None
-    if args.encoder == "embedder-mean":  # passages come from the stored outputs; no model is needed to index
-        from rag.encoders import EmbedderMeanEncoder
-
-        encoder = EmbedderMeanEncoder()
-    folder = build_index(store, args.encoder, encoder)
+    folder = build_index(Store.open(args.store), args.encoder)
     meta = json.loads((folder / "meta.json").read_text())
     print(f"indexed {meta['passages']:,} passages of {meta['documents']} documents into {folder}")
 

@@ -34,15 +34,12 @@ def run(args) -> int:
                          text_column=args.text_column)
     print("\n".join(summary.lines()))
     if args.index != "none":
-        from rag.encoders import EmbedderMeanEncoder
-        from rag.index import build_index, index_path, store_digest
+        from rag.index import build_index, index_is_current
         from storage.store import Store
 
         store = Store.open(args.store)
-        meta = index_path(store, args.index) / "meta.json"
-        if len(store) and (not meta.exists() or json.loads(meta.read_text())["store_digest"] != store_digest(store)):
-            encoder = EmbedderMeanEncoder() if args.index == "embedder-mean" else None
-            print(f"passage index: {build_index(store, args.index, encoder)}")
+        if len(store) and not index_is_current(store, args.index):
+            print(f"passage index: {build_index(store, args.index)}")
     if args.json:
         print(json.dumps({**vars(summary), "tokens_per_s": summary.tokens_per_s}))
     return 0

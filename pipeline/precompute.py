@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from extensible.models import base_fingerprint
 from extensible.plugins import load_extensible
 from extensible.runtime import ExtensibleLM
-from storage.store import Store, embedder_fingerprint, llm_fingerprint
+from storage.store import Store, runtime_fingerprints
 
 from .corpus import load_text, scan_corpus
 
@@ -113,8 +112,8 @@ def precompute(corpus: str | None, store_path: str, model: str | None = None, pl
 
         raise UserError(f"CORPUS {corpus} holds no documents")
     lm = load_extensible(model, plugin, chunk_size=chunk_size)
-    store = Store.create_or_open(store_path, embedder_fingerprint(lm.embedder),
-                                 llm_fingerprint(base_fingerprint(lm.llm, lm.tokenizer)), lm.hidden_size, lm.chunk_size)
+    store = Store.create_or_open(store_path, **runtime_fingerprints(lm), hidden=lm.hidden_size,
+                                 chunk_size=lm.chunk_size)
     del lm  # the actors hold their own copies
     stored = store.stored_hashes()
     todo = [ref for ref in report.documents if ref.content_hash not in stored]

@@ -43,7 +43,20 @@ def index_path(store: Store, encoder: str) -> Path:
     return store.path / INDEX_DIR / encoder
 
 
+def index_meta(store: Store, encoder: str) -> dict | None:
+    """The index's meta.json, or None when there is no index."""
+    file = index_path(store, encoder) / "meta.json"
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def index_is_current(store: Store, encoder: str) -> bool:
+    """An index exists and covers exactly the store's documents."""
+    meta = index_meta(store, encoder)
+    return meta is not None and meta["store_digest"] == store_digest(store)
+
+
 def make_encoder(name: str, lm=None):
+    """An encoder by name; ``embedder-mean`` needs ``lm`` only to embed questions (indexing reads stored outputs)."""
     if name not in ENCODERS:
         raise UserError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
     return MiniLMEncoder() if name == "minilm" else EmbedderMeanEncoder(lm)
@@ -108,10 +121,10 @@ class PassageIndex:
     def open(cls, store: Store, encoder_name: str = "minilm") -> PassageIndex:
         folder = index_path(store, encoder_name)
         hint = f"run: extemb index {store.path} --encoder {encoder_name}"
-        if not (folder / "meta.json").exists():
+        meta = index_meta(store, encoder_name)
+        if meta is None:
             raise UserError(f"no {encoder_name} passage index in {store.path}; {hint}")
-        meta = json.loads((folder / "meta.json").read_text())
-        if meta["store_digest"] != store_digest(store):
+        if not index_is_current(store, encoder_name):
             raise UserError(f"the {encoder_name} passage index of {store.path} is stale (built for "
                             f"{meta['documents']} documents, the store now holds {len(store)}); {hint}")
         index = faiss.read_index(str(folder / "vectors.faiss"))

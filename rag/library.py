@@ -19,8 +19,7 @@ import torch
 
 from extensible.downscale import downscale_chunk
 from extensible.errors import ContextTooLongError, UserError
-from extensible.models import base_fingerprint
-from storage.store import Store, StoredDocument, embedder_fingerprint, llm_fingerprint
+from storage.store import Store, runtime_fingerprints
 
 from .index import PassageIndex, make_encoder
 from .plan import Unit, plan
@@ -156,10 +155,7 @@ class Library:
 
     def check_compatible(self, lm) -> None:
         """The store must hold this embedder's outputs for this LLM: other vectors would be silently wrong."""
-        attrs = self.store.attrs
-        mine = {"embedder_fingerprint": embedder_fingerprint(lm.embedder),
-                "llm_fingerprint": llm_fingerprint(base_fingerprint(lm.llm, lm.tokenizer))}
-        clash = [f"{key}: store {attrs.get(key)} vs runtime {value}" for key, value in mine.items() if attrs.get(key) != value]
+        clash = self.store.fingerprint_clash(runtime_fingerprints(lm), "runtime")
         if clash:
             raise UserError(f"{self.store.path} was built by another embedder or LLM ({'; '.join(clash)}); pass the "
                             "--model/--plugin it was built with, or rebuild it with make precompute")
@@ -220,7 +216,3 @@ class Library:
         for source, (read, total, k_min, k_max) in zip(ordered, stats):
             source.chunks_read, source.chunks_total, source.k_min, source.k_max = read, total, k_min, k_max
         return Answer(question, text, sources, strategy, positions, new, time.perf_counter() - start)
-
-    def source_for(self, doc_id: str) -> Source:
-        document: StoredDocument = self.store.document(doc_id)
-        return Source(doc_id, document.row["source"], float("nan"))

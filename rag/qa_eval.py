@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from extensible.errors import ContextTooLongError, UserError
+from extensible.evaluate import parse_methods
 
 from .library import InMemoryDocument, compose_and_answer, prompt_parts
 
@@ -89,15 +90,7 @@ def read_leval(path: str | Path) -> list[dict]:
 
 
 def parse_qa_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    for method in methods:
-        if method in ("window", "full", "ext:adaptive", "ext:graded"):
-            continue
-        if not (method.startswith("ext:") and method[4:].isdigit() and int(method[4:]) >= 1):
-            raise UserError(f"unknown method {method!r}; choose from window, full, ext:adaptive, ext:graded, ext:K (K >= 1)")
-    if not methods:
-        raise UserError("no methods given")
-    return methods
+    return parse_methods(text, base=("window", "full"), named_ext=("adaptive", "graded"))
 
 
 def truncate_middle(ids: list[int], keep: int) -> list[int]:

@@ -30,6 +30,7 @@ import zarr
 
 from extensible.downscale import downscale_chunk, rows_needed
 from extensible.errors import UserError
+from extensible.models import base_fingerprint
 
 from .rows import RowOrder, block_order, prefix_length, prefix_readable
 
@@ -72,9 +73,8 @@ class Store:
         path = Path(path)
         if (path / "zarr.json").exists():
             store = cls.open(path)
-            wanted = {"embedder_fingerprint": embedder_fingerprint, "llm_fingerprint": llm_fingerprint}
-            clash = [f"{key}: store {store.attrs.get(key)} vs this job {value}"
-                     for key, value in wanted.items() if store.attrs.get(key) != value]
+            clash = store.fingerprint_clash({"embedder_fingerprint": embedder_fingerprint,
+                                             "llm_fingerprint": llm_fingerprint}, "this job")
             if clash:
                 raise UserError(f"{path} holds embeddings of another embedder or LLM ({'; '.join(clash)}); "
                                 "use another STORE")
@@ -100,6 +100,11 @@ class Store:
         if version != FORMAT_VERSION:
             raise UserError(f"{path} has store format {version}; this version reads format {FORMAT_VERSION}")
         return cls(path, group)
+
+    def fingerprint_clash(self, fingerprints: dict[str, str], whose: str) -> list[str]:
+        """The fingerprints (as ``runtime_fingerprints`` gives them) that differ from the ones this store records."""
+        return [f"{key}: store {self.attrs.get(key)} vs {whose} {value}"
+                for key, value in fingerprints.items() if self.attrs.get(key) != value]
 
     # ---- the manifest ------------------------------------------------------------------------------------------
 
@@ -336,3 +341,9 @@ def embedder_fingerprint(embedder) -> str:
 
 def llm_fingerprint(base: dict) -> str:
     return hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def runtime_fingerprints(lm) -> dict[str, str]:
+    """What a store records of the runtime whose outputs it holds: its embedder and its LLM."""
+    return {"embedder_fingerprint": embedder_fingerprint(lm.embedder),
+            "llm_fingerprint": llm_fingerprint(base_fingerprint(lm.llm, lm.tokenizer))}

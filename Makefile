@@ -40,12 +40,17 @@ demo: setup
 precompute: setup
 	$(PY) -m jobs.precompute $(if $(CORPUS),--corpus "$(CORPUS)") --store $(STORE)
 
-# Two-stream AR training of the SmolLM2 plug-in on the books, the held-out ones excluded; rerun to resume
-# (MINUTES=N stops cleanly after N minutes, checkpointed).
+# Two-stream AR training of the shipped SmolLM2 plug-in on the books, the held-out ones excluded, in two stages:
+# 1. the paper's objective (each chunk predicted right after the compressed chunks before it), 661 of a planned
+#    1,200 steps; 2. warm-started from stage 1, 450 steps with up to 3 raw chunks between the compressed context and
+#    the predicted chunk, as the runtime's sliding layout reads them. Rerun to resume; MINUTES=N stops a stage cleanly
+#    after N minutes (checkpointed; exit 3, so stage 2 never starts from an unfinished stage 1).
+TRAIN_ARGS = --data $(BOOKS) --exclude $(HELD_OUT) --lora-rank 32 --ks 4 8 16 32 --chunk 256 --sample-tokens 2048 \
+	--save-every 20 $(if $(MINUTES),--max-minutes $(MINUTES))
 train: setup
-	$(PY) -m jobs.train --data $(BOOKS) --exclude $(HELD_OUT) --out runs/smollm2-lora32 --lora-rank 32 \
-		--lr 5e-4 --warmup 20 --steps 1200 --ks 4 8 16 32 --chunk 256 --sample-tokens 2048 --save-every 20 \
-		$(if $(MINUTES),--max-minutes $(MINUTES))
+	$(PY) -m jobs.train $(TRAIN_ARGS) --out runs/smollm2-lora32 --lr 5e-4 --warmup 20 --steps 1200 --stop-at 661
+	$(PY) -m jobs.train $(TRAIN_ARGS) --out runs/smollm2-lora32-recent --init-from runs/smollm2-lora32/checkpoint/plugin \
+		--recent-chunks 3 --lr 2e-4 --warmup 10 --steps 450
 
 # The perplexity protocol on the held-out books (W = 1024, tail 512; 7680 + 512 = 8192 = SmolLM2's positions, so
 # full attention is the upper bound there), the paper's session policy and the untrained embedder beside it, RoPE

@@ -160,10 +160,11 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
     for context in contexts:
         samples = draw_samples(documents, context, tail, per_document, seed)
         for method in methods:
-            bar.update()
+            bar.set_postfix_str(f"{method} at {context}")
             reason = protocol.applicable(method, context + tail)
             if reason:
                 bar.write(f"skip {method} at context {context}: {reason}")
+                bar.update()
                 continue
             nll, tokens, seconds = [], 0, 0.0
             for sample in samples:
@@ -176,6 +177,7 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
             rows.append({"method": method, "context": context, "k": protocol.k_for(method, context + tail),
                          "ppl": math.exp(float(np.mean(nll))), "tokens": tokens, "seconds": round(seconds, 2),
                          "samples": len(samples)})
+            bar.update()  # after the job, so the bar reaches its end when the last one is done
     bar.close()
     return rows, per_sample
 

@@ -5,6 +5,11 @@ down-scales each chunk's outputs by the sample's k (drawn from ``ks``). Pass 2 p
 from the extensible embeddings of chunks < i followed by the tokens of chunk i before it -- all chunks of all samples
 as one right-padded batch through the frozen LLM, with logits only where the loss is taken.
 
+``recent_chunks`` R matches training to the sliding layout that inference uses, where the most recent chunks stay raw
+tokens between the extensible embeddings and the token being predicted: per sample r is drawn from 0..R, and chunk i
+(i > r) is predicted from the embeddings of chunks < i - r, the raw tokens of chunks i - r .. i - 1, and its own
+preceding tokens. r = 0 is the paper's objective.
+
 Ablation objectives (``objective``): ``autoencode`` (chunk i's tokens from its own embeddings) and ``continuation``
 (only the last chunk, from the embeddings of all earlier ones). The loop is nanoGPT-shaped: one readable function,
 checkpoints with exact resume (plug-in tensors, optimizer, scheduler, RNG, data position).
@@ -16,7 +21,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +34,15 @@ from transformers import get_linear_schedule_with_warmup
 
 from .data import PackedTokens
 from .downscale import downscale_chunk
-from .embedder import WEIGHTS_NAME, EmbedderConfig, ExtensibleEmbedder
+from .embedder import CONFIG_NAME, WEIGHTS_NAME, EmbedderConfig, ExtensibleEmbedder
 from .errors import UserError
 from .models import load_llm
 
 OBJECTIVES = ("ar", "autoencode", "continuation")
 # A resume must agree on these; the rest (steps, save/eval cadence) may change between runs.
 SHAPE_FIELDS = ("model", "data", "exclude", "num_layers", "lora_rank", "chunk_size", "sample_tokens", "ks",
-                "objective", "downscale", "lr", "warmup", "batch_size", "grad_accum", "seed", "weight_decay")
+                "objective", "downscale", "lr", "warmup", "batch_size", "grad_accum", "seed", "weight_decay",
+                "recent_chunks", "init_from")
 
 
 @dataclass
@@ -51,6 +57,8 @@ class TrainConfig:
     sample_tokens: int = 2048
     ks: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
     objective: str = "ar"
+    recent_chunks: int = 0  # up to this many raw chunks between the compressed context and the predicted chunk
+    init_from: str | None = None  # a plug-in folder whose tensors start a new run (warm start)
     downscale: str = "strided"
     lr: float = 1e-4
     warmup: int = 0
@@ -74,51 +82,64 @@ class TrainConfig:
                             f"({self.chunk_size}) holding at least two chunks")
         if any(k < 1 or k > self.chunk_size for k in self.ks):
             raise UserError(f"every k must be in 1..{self.chunk_size}, got {self.ks}")
+        n_chunks = self.sample_tokens // self.chunk_size
+        if not 0 <= self.recent_chunks <= n_chunks - 2:
+            raise UserError(f"--recent-chunks must be in 0..{n_chunks - 2} (a sample holds {n_chunks} chunks and "
+                            f"needs one compressed and one predicted), got {self.recent_chunks}")
+        if self.recent_chunks and self.objective != "ar":
+            raise UserError("--recent-chunks applies to the ar objective only")
+        if self.init_from:
+            self.init_from = str(Path(self.init_from).resolve())
 
 
 def pass_two_batch(embedder_outputs: torch.Tensor, token_embeds: torch.Tensor, ids: torch.Tensor, ks: list[int],
-                   objective: str, method: str):
+                   objective: str, method: str, recent: list[int] | None = None):
     """Builds pass 2: (inputs_embeds [N, T, H], right-padded; loss positions (rows, cols); target ids).
 
-    ``embedder_outputs``/``token_embeds``: [B, n, C, H]; ``ids``: [B, n, C]. The logit at a loss position predicts
-    the target token; the first token of a chunk is predicted from the last extensible embedding before it.
+    ``embedder_outputs``/``token_embeds``: [B, n, C, H]; ``ids``: [B, n, C]; ``recent``: raw chunks per sample
+    (default 0). The logit at a loss position predicts the target token; the first token of a chunk is predicted
+    from the input just before it (the last extensible embedding, or the last raw token of a recent chunk).
     """
     batch, n, size, _ = embedder_outputs.shape
+    recent = recent or [0] * batch
     sequences, targets = [], []
     for b in range(batch):
         ex = [downscale_chunk(embedder_outputs[b, i], ks[b], method, chunk_index=i) for i in range(n)]
+        r = recent[b]
         if objective == "ar":
-            pairs = [(torch.cat(ex[:i]), i) for i in range(1, n)]
+            pairs = [(torch.cat(ex[: i - r]), i) for i in range(r + 1, n)]
         elif objective == "continuation":
             pairs = [(torch.cat(ex[: n - 1]), n - 1)]
         else:  # autoencode
             pairs = [(ex[i], i) for i in range(n)]
         for context, i in pairs:
-            sequences.append((context, token_embeds[b, i, :-1]))  # the chunk's last token is never an input
+            raw = token_embeds[b, i - r : i].flatten(0, 1) if objective == "ar" else token_embeds[b, i, :0]
+            # The chunk's last token is never an input.
+            sequences.append((context, torch.cat([raw, token_embeds[b, i, :-1]]), len(raw)))
             targets.append(ids[b, i])
-    length = max(len(ctx) + len(tok) for ctx, tok in sequences)
+    length = max(len(ctx) + len(tok) for ctx, tok, _ in sequences)
     hidden = embedder_outputs.shape[-1]
     inputs = token_embeds.new_zeros((len(sequences), length, hidden))
     rows, cols = [], []
-    for row, (context, tokens) in enumerate(sequences):
+    for row, (context, tokens, n_raw) in enumerate(sequences):
         m = len(context)
         inputs[row, :m] = context.to(inputs.dtype)
         inputs[row, m : m + len(tokens)] = tokens
         rows.append(torch.full((size,), row))
-        cols.append(torch.arange(m - 1, m - 1 + size))
+        cols.append(torch.arange(m + n_raw - 1, m + n_raw - 1 + size))
     return inputs, (torch.cat(rows), torch.cat(cols)), torch.cat(targets)
 
 
 def two_stream_loss(llm, embedder: ExtensibleEmbedder, ids: torch.Tensor, ks: list[int], chunk_size: int,
-                    objective: str = "ar", method: str = "strided") -> torch.Tensor:
-    """Mean next-token loss of pass 2 for a batch of samples ``ids`` [B, S] with one k per sample."""
+                    objective: str = "ar", method: str = "strided", recent: list[int] | None = None) -> torch.Tensor:
+    """Mean next-token loss of pass 2 for a batch of samples ``ids`` [B, S] with one k (and r) per sample."""
     batch, total = ids.shape
     n = total // chunk_size
     chunks = ids.view(batch, n, chunk_size)
     outputs = embedder(chunks.reshape(batch * n, chunk_size)).view(batch, n, chunk_size, -1)
     token_embeds = llm.get_input_embeddings()(chunks)
     inputs, (rows, cols), targets = pass_two_batch(outputs.to(token_embeds.dtype), token_embeds, chunks, ks,
-                                                          objective, method)
+                                                   objective, method, recent)
     # Right padding under a causal mask: no real position ever sees a pad, so no padding mask is needed, and
     # attention keeps the fast causal kernel instead of the masked one.
     hidden = llm.get_decoder()(inputs_embeds=inputs, use_cache=False).last_hidden_state
@@ -155,6 +176,11 @@ class Trainer:
         for param in self.embedder.parameters():  # fp32 master weights; bf16 compute under autocast
             if param.requires_grad:
                 param.data = param.data.float()
+        self.steps_before = 0  # steps behind a warm start, counted in the plug-in's trained_steps
+        if config.init_from:
+            self._load_trainable(Path(config.init_from) / WEIGHTS_NAME, f"--init-from {config.init_from}")
+            self.steps_before = EmbedderConfig.from_dict(
+                json.loads((Path(config.init_from) / CONFIG_NAME).read_text())).trained_steps
         self.data = PackedTokens(self.tokenizer, config.data, config.sample_tokens, self.out / "cache",
                                  exclude=tuple(config.exclude), progress=progress)
         trainable = [p for p in self.embedder.parameters() if p.requires_grad]
@@ -181,7 +207,7 @@ class Trainer:
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         embedder = self.accelerator.unwrap_model(self.embedder)
-        embedder.config.trained_steps = self.step
+        embedder.config.trained_steps = self.steps_before + self.step
         embedder.save_pretrained(tmp / "plugin")
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "step": self.step, "samples_seen": self.samples_seen, "rng": _rng_state()}, tmp / "state.pt")
@@ -197,18 +223,14 @@ class Trainer:
             return False
         saved = json.loads((self.latest / "train_config.json").read_text())
         mine = asdict(self.config)
-        changed = [f"{key}: {saved.get(key)!r} -> {mine[key]!r}" for key in SHAPE_FIELDS if saved.get(key) != mine[key]]
+        # A key that an older checkpoint lacks had its default then.
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        changed = [f"{key}: {saved.get(key, defaults.get(key))!r} -> {mine[key]!r}" for key in SHAPE_FIELDS
+                   if saved.get(key, defaults.get(key)) != mine[key]]
         if changed:
             raise UserError(f"{self.latest} belongs to another configuration ({'; '.join(changed)}); "
                             "use another --out or the same settings")
-        embedder = self.accelerator.unwrap_model(self.embedder)
-        stored = load_file(self.latest / "plugin" / WEIGHTS_NAME)
-        trainable = {name: p for name, p in embedder.body.named_parameters() if p.requires_grad}
-        if set(stored) != set(trainable):
-            raise UserError(f"{self.latest} does not hold this embedder's tensors; use another --out")
-        with torch.no_grad():
-            for name, param in trainable.items():
-                param.copy_(stored[name])
+        self._load_trainable(self.latest / "plugin" / WEIGHTS_NAME, f"{self.latest} (use another --out)")
         state = torch.load(self.latest / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -216,9 +238,21 @@ class Trainer:
         _set_rng_state(state["rng"])
         return True
 
+    def _load_trainable(self, weights: Path, what: str) -> None:
+        if not weights.exists():
+            raise UserError(f"{what}: {weights} not found")
+        embedder = self.accelerator.unwrap_model(self.embedder)
+        stored = load_file(weights)
+        trainable = {name: p for name, p in embedder.body.named_parameters() if p.requires_grad}
+        if set(stored) != set(trainable) or any(stored[n].shape != p.shape for n, p in trainable.items()):
+            raise UserError(f"{what} does not hold this embedder's tensors (another LoRA rank or layer count?)")
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(stored[name])
+
     # ---- the loop ----------------------------------------------------------------------------------------------
 
-    def next_batch(self) -> tuple[torch.Tensor, list[int]]:
+    def next_batch(self) -> tuple[torch.Tensor, list[int], list[int]]:
         config, world = self.config, self.accelerator.num_processes
         rows = []
         for _ in range(config.batch_size):
@@ -227,7 +261,9 @@ class Trainer:
             rows.append(self.data[int(sample_order(len(self.data), config.seed, epoch)[position])])
             self.samples_seen += 1
         ks = [random.choice(config.ks) for _ in rows]
-        return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks
+        # Drawn only when asked for, so that runs without recent chunks keep their random stream (and exact resume).
+        recent = [random.randint(0, config.recent_chunks) for _ in rows] if config.recent_chunks else None
+        return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks, recent
 
     def train(self, until: int | None = None, max_minutes: float | None = None) -> dict:
         """Trains to ``config.steps``; stops early (with a checkpoint) at step ``until`` or after ``max_minutes``."""
@@ -248,10 +284,10 @@ class Trainer:
             start = time.perf_counter()
             total = 0.0
             for _ in range(config.grad_accum):
-                ids, ks = self.next_batch()
+                ids, ks, recent = self.next_batch()
                 with self.accelerator.accumulate(self.embedder), self.accelerator.autocast():
                     loss = two_stream_loss(llm, self.embedder, ids, ks, config.chunk_size, config.objective,
-                                           config.downscale)
+                                           config.downscale, recent)
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients and config.grad_clip:
                         self.accelerator.clip_grad_norm_(self.embedder.parameters(), config.grad_clip)

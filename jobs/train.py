@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-tokens", type=int, default=2048)
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--objective", choices=OBJECTIVES, default="ar")
+    p.add_argument("--recent-chunks", type=int, default=0,
+                   help="up to R raw chunks between the compressed context and the predicted chunk (sliding layout)")
+    p.add_argument("--init-from", default=None, help="plug-in folder whose tensors start a new run")
     p.add_argument("--downscale", default="strided", help="strided, terminal, random or mean")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=0)
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpointed) after this long")
+    p.add_argument("--stop-at", type=int, default=None, help="stop cleanly (checkpointed) at this step")
     p.add_argument("--export", default=None, help="after training, copy the plug-in here")
     return p
 
@@ -42,16 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     from extensible.training import TrainConfig, Trainer
 
     args = vars(build_parser().parse_args(argv))
-    export, max_minutes = args.pop("export"), args.pop("max_minutes")
+    export, max_minutes, stop_at = args.pop("export"), args.pop("max_minutes"), args.pop("stop_at")
     try:
         trainer = Trainer(TrainConfig(**args))
-        summary = trainer.train(max_minutes=max_minutes)
+        summary = trainer.train(until=stop_at, max_minutes=max_minutes)
         if export:
             trainer.accelerator.unwrap_model(trainer.embedder).save_pretrained(export)
     except UserError as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
+    target = min(trainer.config.steps, stop_at or trainer.config.steps)
+    if summary["step"] < target:  # stopped by --max-minutes: make (and scripts) must not take this as finished
+        print(f"train: stopped at step {summary['step']} of {target}; rerun the same command to resume", file=sys.stderr)
+        return 3
     return 0
 
 

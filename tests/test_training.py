@@ -41,6 +41,25 @@ def test_pass_two_loss_is_the_runtime_loss_of_each_chunk(tiny):
     assert torch.allclose(loss, torch.cat(expected).mean(), atol=1e-5)
 
 
+def test_recent_chunks_stay_raw_tokens_as_in_the_sliding_layout(tiny):
+    llm, tokenizer = tiny
+    embedder = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16))
+    lm = ExtensibleLM(llm, tokenizer, embedder, window=512)
+    ids = torch.randint(2, 90, (2, 80), generator=torch.Generator().manual_seed(1))
+    ks, recent = [4, 8], [2, 1]
+    loss = two_stream_loss(llm, embedder, ids, ks, 16, recent=recent)
+    # By hand: chunk i from the embeddings of chunks < i - r, then the raw tokens of chunks i - r .. i.
+    expected = []
+    for b, (k, r) in enumerate(zip(ks, recent)):
+        for i in range(r + 1, 5):
+            ex = lm.extensible_embeddings(ids[b], i - r, k)
+            raw = ids[b, (i - r) * 16 : (i + 1) * 16 - 1]
+            logprobs = lm._logprobs(lm.inputs_embeds(ex, raw), keep=16)
+            expected.append(-logprobs.gather(1, ids[b, i * 16 : (i + 1) * 16, None])[:, 0])
+    assert len(expected) == 2 + 3  # chunks 3, 4 with r = 2; chunks 2, 3, 4 with r = 1
+    assert torch.allclose(loss, torch.cat(expected).mean(), atol=1e-5)
+
+
 @pytest.mark.parametrize("objective", ["autoencode", "continuation"])
 def test_ablation_objectives_give_a_finite_differentiable_loss(tiny, objective):
     llm, tokenizer = tiny
@@ -96,6 +115,21 @@ def test_resume_with_another_configuration_is_refused(tiny_path, book_folder, tm
         Trainer(config(tiny_path, book_folder, tmp_path / "run", lr=5e-5), progress=False).train()
 
 
+def test_a_warm_start_begins_from_the_plugin_and_refuses_another_shape(tiny_path, book_folder, tmp_path):
+    Trainer(config(tiny_path, book_folder, tmp_path / "first", steps=2, lora_rank=2), progress=False).train()
+    plugin = tmp_path / "first" / "checkpoint" / "plugin"
+    warm = Trainer(config(tiny_path, book_folder, tmp_path / "second", lora_rank=2, init_from=str(plugin),
+                          recent_chunks=1), progress=False)
+    stored = load_file(plugin / "embedder.safetensors")
+    mine = warm.accelerator.unwrap_model(warm.embedder).trainable_state_dict()
+    assert all(torch.equal(mine[key].to(stored[key].dtype), stored[key]) for key in stored)
+    warm.train(until=1)
+    saved = json.loads((tmp_path / "second" / "checkpoint" / "plugin" / "extensible_config.json").read_text())
+    assert saved["trained_steps"] == 2 + 1  # the warm start's steps count
+    with pytest.raises(UserError, match="does not hold this embedder's tensors"):
+        Trainer(config(tiny_path, book_folder, tmp_path / "third", lora_rank=4, init_from=str(plugin)), progress=False)
+
+
 def test_lora_training_saves_a_small_plugin(tiny_path, book_folder, tmp_path):
     trainer = Trainer(config(tiny_path, book_folder, tmp_path / "run", steps=2, lora_rank=2), progress=False)
     trainer.train()
@@ -115,3 +149,5 @@ def test_bad_training_input_is_refused(tiny_path, tmp_path):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=40)
     with pytest.raises(UserError, match="every k"):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[0, 4])
+    with pytest.raises(UserError, match="recent-chunks must be in 0..2"):
+        TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[4], recent_chunks=3)

@@ -113,7 +113,7 @@ def pass_two_batch(embedder_outputs: torch.Tensor, token_embeds: torch.Tensor, i
         else:  # autoencode
             pairs = [(ex[i], i) for i in range(n)]
         for context, i in pairs:
-            raw = token_embeds[b, i - r : i].flatten(0, 1) if objective == "ar" else token_embeds[b, i, :0]
+            raw = token_embeds[b, i - r : i].flatten(0, 1)  # the recent chunks (none when r = 0)
             # The chunk's last token is never an input.
             sequences.append((context, torch.cat([raw, token_embeds[b, i, :-1]]), len(raw)))
             targets.append(ids[b, i])

@@ -148,16 +148,22 @@ class ExtensibleEmbedder(nn.Module):
                 f"plug-in {path} was trained for another LLM ({config.base_name or 'unknown'}): " + "; ".join(problems)
             )
         embedder = cls.from_llm(llm, tokenizer, config)
-        expected = embedder.trainable_state_dict()
-        stored = load_file(path / WEIGHTS_NAME, device=str(embedder.device))
-        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-        if missing or unexpected:  # never run a half-loaded plug-in silently
-            raise UserError(f"plug-in {path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        with torch.no_grad():
-            for name, param in embedder.body.named_parameters():
-                if name in stored:
-                    if stored[name].shape != param.shape:
-                        raise UserError(f"plug-in {path}: {name} has shape {tuple(stored[name].shape)}, expected {tuple(param.shape)}")
-                    param.copy_(stored[name])
+        problem = embedder.load_trainable(load_file(path / WEIGHTS_NAME, device=str(embedder.device)))
+        if problem:  # never run a half-loaded plug-in silently
+            raise UserError(f"plug-in {path} does not match its config: {problem}")
         embedder.config = config
         return embedder
+
+    def load_trainable(self, stored: dict[str, torch.Tensor]) -> str | None:
+        """Copies ``stored`` into the trainable tensors; returns what does not match instead (then nothing is copied)."""
+        trainable = {name: param for name, param in self.body.named_parameters() if param.requires_grad}
+        missing, unexpected = sorted(set(trainable) - set(stored)), sorted(set(stored) - set(trainable))
+        if missing or unexpected:
+            return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        for name, param in trainable.items():
+            if stored[name].shape != param.shape:
+                return f"{name} has shape {tuple(stored[name].shape)}, expected {tuple(param.shape)}"
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(stored[name])
+        return None

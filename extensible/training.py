@@ -241,14 +241,9 @@ class Trainer:
     def _load_trainable(self, weights: Path, what: str) -> None:
         if not weights.exists():
             raise UserError(f"{what}: {weights} not found")
-        embedder = self.accelerator.unwrap_model(self.embedder)
-        stored = load_file(weights)
-        trainable = {name: p for name, p in embedder.body.named_parameters() if p.requires_grad}
-        if set(stored) != set(trainable) or any(stored[n].shape != p.shape for n, p in trainable.items()):
-            raise UserError(f"{what} does not hold this embedder's tensors (another LoRA rank or layer count?)")
-        with torch.no_grad():
-            for name, param in trainable.items():
-                param.copy_(stored[name])
+        problem = self.accelerator.unwrap_model(self.embedder).load_trainable(load_file(weights))
+        if problem:
+            raise UserError(f"{what} does not hold this embedder's tensors ({problem}; another LoRA rank or layer count?)")
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
@@ -266,7 +261,9 @@ class Trainer:
         return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks, recent
 
     def train(self, until: int | None = None, max_minutes: float | None = None) -> dict:
-        """Trains to ``config.steps``; stops early (with a checkpoint) at step ``until`` or after ``max_minutes``."""
+        """Trains to ``config.steps``; stops early (with a checkpoint) at step ``until`` or after ``max_minutes``.
+
+        The summary's ``finished`` is False when ``max_minutes`` stopped it before its last step."""
         from torch.utils.tensorboard import SummaryWriter
 
         config = self.config
@@ -313,4 +310,4 @@ class Trainer:
         if writer is not None:
             writer.close()
         assert not any(p.requires_grad for p in llm.parameters()), "the downstream LLM must stay frozen"
-        return {"step": self.step, **last}
+        return {"step": self.step, "finished": self.step >= stop_at, **last}

@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    target = min(trainer.config.steps, stop_at or trainer.config.steps)
-    if summary["step"] < target:  # stopped by --max-minutes: make (and scripts) must not take this as finished
-        print(f"train: stopped at step {summary['step']} of {target}; rerun the same command to resume", file=sys.stderr)
+    if not summary["finished"]:  # stopped by --max-minutes: make (and scripts) must not take this as finished
+        print(f"train: stopped at step {summary['step']}; rerun the same command to resume", file=sys.stderr)
         return 3
     return 0
 

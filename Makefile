@@ -40,33 +40,38 @@ demo: setup
 precompute: setup
 	$(PY) -m jobs.precompute $(if $(CORPUS),--corpus "$(CORPUS)") --store $(STORE)
 
-# Two-stream AR training of the shipped SmolLM2 plug-in on the books, the held-out ones excluded, in two stages:
+# Two-stream AR training of the shipped SmolLM2 plug-in on the books, the held-out ones excluded, in three stages:
 # 1. the paper's objective (each chunk predicted right after the compressed chunks before it), 661 of a planned
 #    1,200 steps; 2. warm-started from stage 1, 450 steps with up to 3 raw chunks between the compressed context and
-#    the predicted chunk, as the runtime's sliding layout reads them. Rerun to resume; MINUTES=N stops a stage cleanly
-#    after N minutes (checkpointed; exit 3, so stage 2 never starts from an unfinished stage 1).
-TRAIN_ARGS = --data $(BOOKS) --exclude $(HELD_OUT) --lora-rank 32 --ks 4 8 16 32 --chunk 256 --sample-tokens 2048 \
+#    the predicted chunk, as the runtime's sliding layout reads them; 3. warm-started from stage 2, 360 steps with k=64
+#    added to the k set (long contexts at W=1024 read best at k=64). Rerun to resume; MINUTES=N stops a stage cleanly
+#    after N minutes (checkpointed; exit 3, so a stage never starts from an unfinished one).
+TRAIN_ARGS = --data $(BOOKS) --exclude $(HELD_OUT) --lora-rank 32 --chunk 256 --sample-tokens 2048 \
 	--save-every 20 $(if $(MINUTES),--max-minutes $(MINUTES))
 train: setup
-	$(PY) -m jobs.train $(TRAIN_ARGS) --out runs/smollm2-lora32 --lr 5e-4 --warmup 20 --steps 1200 --stop-at 661
-	$(PY) -m jobs.train $(TRAIN_ARGS) --out runs/smollm2-lora32-recent --init-from runs/smollm2-lora32/checkpoint/plugin \
-		--recent-chunks 3 --lr 2e-4 --warmup 10 --steps 450
+	$(PY) -m jobs.train $(TRAIN_ARGS) --ks 4 8 16 32 --out runs/smollm2-lora32 --lr 5e-4 --warmup 20 --steps 1200 \
+		--stop-at 661
+	$(PY) -m jobs.train $(TRAIN_ARGS) --ks 4 8 16 32 --out runs/smollm2-lora32-recent \
+		--init-from runs/smollm2-lora32/checkpoint/plugin --recent-chunks 3 --lr 2e-4 --warmup 10 --steps 450
+	$(PY) -m jobs.train $(TRAIN_ARGS) --ks 4 8 16 32 64 --out runs/smollm2-lora32-k64 \
+		--init-from runs/smollm2-lora32-recent/checkpoint/plugin --recent-chunks 3 --lr 1e-4 --warmup 10 --steps 360
 
 # The perplexity protocol on the held-out books (W = 1024, tail 512; 7680 + 512 = 8192 = SmolLM2's positions, so
-# full attention is the upper bound there), the paper's session policy and the untrained embedder beside it, RoPE
-# scaling past 8K, the Table 6 grid (k x L), then QA on the L-Eval files. ~60 minutes on 2 CPU cores.
+# full attention is the upper bound there; 25600 = 25W fits W = 1024 only at k >= 64), the paper's session policy
+# and the untrained embedder beside it, RoPE scaling past 8K, the Table 6 grid (k x L), then QA on the L-Eval files.
+# ~80 minutes on 2 CPU cores.
 HELD_OUT_FILES = $(foreach b,$(HELD_OUT),$(BOOKS)/$(b).txt)
 eval: setup
-	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 16384 --tail 512 --samples 3 \
-		--methods window,full,streaming,ext:8,ext:16,ext:32,ext:adaptive --json out/eval/ppl.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 16384 25600 --tail 512 \
+		--samples 3 --methods window,full,streaming,ext:8,ext:16,ext:32,ext:64,ext:adaptive --json out/eval/ppl.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 --tail 512 --samples 3 \
 		--methods window,ext:16,ext:32 --policy session --json out/eval/ppl_session.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 4096 7680 --tail 512 --samples 3 \
 		--methods window,ext:16 --untrained --chunk 256 --json out/eval/ppl_untrained.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 16384 --tail 512 --samples 1 \
 		--methods window,pi,ntk,ext:32 --json out/eval/ppl_rope.json
-	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 2048 4096 7680 16384 --tail 512 \
-		--samples 1 --methods window,ext:2,ext:4,ext:8,ext:16,ext:32 --json out/eval/ppl_grid.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 2048 4096 7680 16384 25600 \
+		--tail 512 --samples 1 --methods window,ext:2,ext:4,ext:8,ext:16,ext:32,ext:64 --json out/eval/ppl_grid.json
 	$(EXTEMB) eval-qa --data $(LEVAL)/*.jsonl --window 1024 --methods window,ext:adaptive,ext:32,full --limit 8 \
 		--json out/eval/qa.json
 

@@ -72,8 +72,8 @@ eval: setup
 		--methods window,pi,ntk,ext:32 --json out/eval/ppl_rope.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 2048 4096 7680 16384 25600 \
 		--tail 512 --samples 1 --methods window,ext:2,ext:4,ext:8,ext:16,ext:32,ext:64 --json out/eval/ppl_grid.json
-	$(EXTEMB) eval-qa --data $(LEVAL)/*.jsonl --window 1024 --methods window,ext:adaptive,ext:32,full --limit 8 \
-		--json out/eval/qa.json
+	$(EXTEMB) eval-qa --data $(LEVAL)/*.jsonl --window 1024 --methods window,ext:adaptive,ext:32,ext:64,full \
+		--limit 8 --json out/eval/qa.json
 
 bench: setup
 	$(PY) -m jobs.bench_online_memory --lengths 8192 16384 32768 --k 16 --window 4096

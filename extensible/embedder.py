@@ -51,6 +51,11 @@ class EmbedderConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in data.items() if key in known})
 
+    @classmethod
+    def read(cls, folder: str | Path) -> EmbedderConfig:
+        """The config stored in a plug-in folder."""
+        return cls.from_dict(json.loads((Path(folder) / CONFIG_NAME).read_text()))
+
 
 def _token_embedding_rms(llm: PreTrainedModel) -> float:
     weight = llm.get_input_embeddings().weight
@@ -139,7 +144,7 @@ class ExtensibleEmbedder(nn.Module):
         path = Path(path)
         if not (path / CONFIG_NAME).exists() or not (path / WEIGHTS_NAME).exists():
             raise UserError(f"{path} is not an extensible-embedding plug-in (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        config = EmbedderConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        config = EmbedderConfig.read(path)
         if config.schema_version > SCHEMA_VERSION:
             raise UserError(f"{path} uses plug-in schema {config.schema_version}; upgrade extensible-embedding")
         problems = fingerprint_mismatch(config.base, base_fingerprint(llm, tokenizer))

@@ -34,7 +34,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .data import PackedTokens
 from .downscale import downscale_chunk
-from .embedder import CONFIG_NAME, WEIGHTS_NAME, EmbedderConfig, ExtensibleEmbedder
+from .embedder import WEIGHTS_NAME, EmbedderConfig, ExtensibleEmbedder
 from .errors import UserError
 from .models import load_llm
 
@@ -179,8 +179,7 @@ class Trainer:
         self.steps_before = 0  # steps behind a warm start, counted in the plug-in's trained_steps
         if config.init_from:
             self._load_trainable(Path(config.init_from) / WEIGHTS_NAME, f"--init-from {config.init_from}")
-            self.steps_before = EmbedderConfig.from_dict(
-                json.loads((Path(config.init_from) / CONFIG_NAME).read_text())).trained_steps
+            self.steps_before = EmbedderConfig.read(config.init_from).trained_steps
         self.data = PackedTokens(self.tokenizer, config.data, config.sample_tokens, self.out / "cache",
                                  exclude=tuple(config.exclude), progress=progress)
         trainable = [p for p in self.embedder.parameters() if p.requires_grad]

@@ -161,7 +161,7 @@ class ExtensibleEmbedder(nn.Module):
 
     def load_trainable(self, stored: dict[str, torch.Tensor]) -> str | None:
         """Copies ``stored`` into the trainable tensors; returns what does not match instead (then nothing is copied)."""
-        trainable = {name: param for name, param in self.body.named_parameters() if param.requires_grad}
+        trainable = self.trainable_state_dict()  # detached views: copying into them fills the parameters
         missing, unexpected = sorted(set(trainable) - set(stored)), sorted(set(stored) - set(trainable))
         if missing or unexpected:
             return f"missing {missing[:3]}, unexpected {unexpected[:3]}"

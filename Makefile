@@ -38,7 +38,7 @@ demo: setup
 
 # make precompute CORPUS=../shared/data/books STORE=out/books   (no CORPUS: the pydoc topics of this Python)
 precompute: setup
-	$(PY) -m jobs.precompute $(if $(CORPUS),--corpus "$(CORPUS)") --store $(STORE)
+	$(PY) -m jobs.precompute $(if $(CORPUS),--corpus "$(CORPUS)") --store "$(STORE)"
 
 # Two-stream AR training of the shipped SmolLM2 plug-in on the books, the held-out ones excluded, in three stages:
 # 1. the paper's objective (each chunk predicted right after the compressed chunks before it), 661 of a planned

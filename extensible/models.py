@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import filelock
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
@@ -43,7 +44,8 @@ def embedded_checkpoint(progress: bool = True) -> Path:
 
     transformers keeps GGUF weights packed (every matmul unpacks them); a plain checkpoint loads in a fraction of a
     second and runs about twice as fast. The conversion writes to a temporary folder and renames it into place, so
-    a killed conversion never leaves a half-written cache behind.
+    a killed conversion never leaves a half-written cache behind; one conversion runs at a time (a file lock), and it
+    first removes the temporary folders of killed ones (~260 MB each).
     """
     target = cache_dir() / "models" / f"{DEFAULT_NAME}-bf16"
     if (target / "config.json").exists():
@@ -55,6 +57,16 @@ def embedded_checkpoint(progress: bool = True) -> Path:
     if not (source / DEFAULT_GGUF).exists():
         raise UserError(f"{source / DEFAULT_GGUF} is missing; reinstall it: {INSTALL_HINT}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(target.parent / f"{target.name}.lock"):
+        if (target / "config.json").exists():  # converted by another process while this one waited
+            return target
+        for stale in target.parent.glob(f"{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        return _convert(source, target, progress)
+
+
+def _convert(source: Path, target: Path, progress: bool) -> Path:
     steps = tqdm(total=3, desc=f"converting {DEFAULT_NAME} to a bf16 checkpoint (once)", disable=not progress)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF)
     steps.update()

@@ -230,7 +230,10 @@ class Trainer:
             raise UserError(f"{self.latest} belongs to another configuration ({'; '.join(changed)}); "
                             "use another --out or the same settings")
         self._load_trainable(self.latest / "plugin" / WEIGHTS_NAME, f"{self.latest} (use another --out)")
-        state = torch.load(self.latest / "state.pt", weights_only=False)
+        # weights_only: a checkpoint cannot run code; numpy's RNG state is the only non-tensor object it holds.
+        with torch.serialization.safe_globals([np.ndarray, np.dtype, np._core.multiarray._reconstruct,
+                                               type(np.dtype(np.uint32))]):
+            state = torch.load(self.latest / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]

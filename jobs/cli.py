@@ -82,6 +82,8 @@ def cmd_ppl(args) -> None:
 def cmd_generate(args) -> None:
     from extensible.text import chat_tokens, read_text
 
+    if args.max_new_tokens >= args.window:  # longer answers would be compressed by the model as it writes them
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be smaller than --window ({args.window})")
     text = read_text(args.file)
     lm = _runtime(args)
     ids = chat_tokens(lm.tokenizer, text, args.prompt)
@@ -119,10 +121,10 @@ def cmd_eval_ppl(args) -> None:
         print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 
-def cmd_precompute(args) -> None:
+def cmd_precompute(args) -> int:
     from jobs.precompute import run
 
-    run(args)
+    return run(args)
 
 
 def cmd_store(args) -> int:
@@ -132,10 +134,22 @@ def cmd_store(args) -> int:
     if args.action == "info":
         print(json.dumps(store.info(), indent=2))
         return 0
+    if args.action == "repair":
+        for line in store.repair():
+            print(line)
+        return 0
+    from rag.index import check_indexes
+
     problems = store.verify()
+    if not problems:  # the index is checked against a sound manifest
+        problems = check_indexes(store)
     for problem in problems:
         print(f"corrupt: {problem}", file=sys.stderr)
-    print(f"{args.store}: {len(store)} documents, {len(problems)} problems")
+    try:
+        documents = str(len(store))
+    except UserError:  # an unreadable manifest, already named above
+        documents = "?"
+    print(f"{args.store}: {documents} documents, {len(problems)} problems")
     return 1 if problems else 0
 
 
@@ -214,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(pre)
     pre.set_defaults(func=cmd_precompute)
 
-    st = sub.add_parser("store", help="inspect or check a store")
-    st.add_argument("action", choices=["info", "verify"])
+    st = sub.add_parser("store", help="inspect, check or repair a store")
+    st.add_argument("action", choices=["info", "verify", "repair"], help="info; verify (recompute every checksum, "
+                    "exit 1 naming any problem); repair (rebuild the manifest from the documents' records)")
     st.add_argument("store")
     st.set_defaults(func=cmd_store)
 
@@ -223,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("file")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--k", type=_k, default="auto", help="down-scaling factor, or 'auto' (default)")
-    gen.add_argument("--max-new-tokens", type=_positive, default=64)
+    gen.add_argument("--max-new-tokens", type=_positive, default=64, help="at most this many (fewer than --window)")
     gen.add_argument("--json", action="store_true")
     _model_args(gen)
     gen.set_defaults(func=cmd_generate)

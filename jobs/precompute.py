@@ -7,6 +7,17 @@ import json
 import sys
 
 from extensible.errors import UserError
+from pipeline.corpus import MAX_BYTES
+
+
+def positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,12 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default="out/store", help="the store folder (created if absent)")
     parser.add_argument("--model", default=None, help="HF causal LM (default: the embedded SmolLM2)")
     parser.add_argument("--plugin", default=None, help="plug-in folder (default: the shipped one for the model)")
-    parser.add_argument("--chunk", type=int, default=None, help="chunk length (default: the plug-in's)")
-    parser.add_argument("--workers", type=int, default=1, help="embedder actors (one per GPU on a cluster)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per CPU actor")
-    parser.add_argument("--commit-every", type=int, default=64, help="commit the manifest every N documents "
+    parser.add_argument("--chunk", type=positive, default=None, help="chunk length (default: the plug-in's)")
+    parser.add_argument("--workers", type=positive, default=1, help="embedder actors (one per GPU on a cluster)")
+    parser.add_argument("--threads", type=positive, default=None, help="torch threads per CPU actor")
+    parser.add_argument("--commit-every", type=positive, default=64, help="commit the manifest every N documents "
                         "(and every 5 s): a killed job loses at most that much work")
     parser.add_argument("--text-column", default="text", help="text field of .jsonl/Parquet records (L-Eval: input)")
+    parser.add_argument("--max-bytes", type=positive, default=MAX_BYTES, help="larger corpus files are skipped and "
+                        f"reported as too large (default {MAX_BYTES:,})")
+    parser.add_argument("--wait", action="store_true", help="wait for another job writing the store to finish, "
+                        "instead of refusing at once")
     parser.add_argument("--index", default="minilm", help="passage index to (re)build after: minilm (default), "
                         "embedder-mean, or none")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON too")
@@ -31,7 +46,7 @@ def run(args) -> int:
 
     summary = precompute(args.corpus or None, args.store, model=args.model, plugin=args.plugin, chunk_size=args.chunk,
                          workers=args.workers, threads=args.threads, commit_every=args.commit_every,
-                         text_column=args.text_column)
+                         text_column=args.text_column, max_bytes=args.max_bytes, wait=args.wait)
     print("\n".join(summary.lines()))
     if args.index != "none":
         from rag.index import build_index, index_is_current
@@ -42,7 +57,7 @@ def run(args) -> int:
             print(f"passage index: {build_index(store, args.index)}")
     if args.json:
         print(json.dumps({**vars(summary), "tokens_per_s": summary.tokens_per_s}))
-    return 0
+    return 1 if summary.problems.get("failed") else 0  # 0 only when every document that could be stored was
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,18 @@ cluster, CPU actors here). Each actor writes whole documents -- one array and on
 actors on the same document -- and returns its manifest row; the driver alone commits rows to the manifest, a few
 documents at a time. ``ray.init()`` takes no address: it joins the cluster named by RAY_ADDRESS or ``ray job submit``,
 else starts a local one.
+
+The job holds the store's lock for its whole write phase (a second job is refused, or waits with ``wait``). Retries
+are bounded: an actor is restarted and its task retried at most ``RAY_RETRIES`` times, and a document that killed its
+worker ``MAX_ATTEMPTS`` times (counted in ``<store>/.attempts/``) is reported as failed instead of tried again.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,32 +29,40 @@ from extensible.plugins import load_extensible
 from extensible.runtime import ExtensibleLM
 from storage.store import Store, runtime_fingerprints
 
-from .corpus import load_text, scan_corpus
+from extensible.errors import UserError
+
+from .corpus import MAX_BYTES, content_hash, load_text, scan_corpus
+
+RAY_RETRIES = 3  # actor restarts and task retries (Ray Data's default is unbounded: a poison document would hang)
+MAX_ATTEMPTS = 2  # a document that killed its worker this many times is reported as failed
+ATTEMPTS = ".attempts"
 
 
 def write_document(lm: ExtensibleLM, store: Store, ref: dict) -> dict:
-    """Embeds one document chunk by chunk into its store array (memory: one block) and returns its manifest row."""
-    text = load_text(ref)
+    """Embeds one document chunk by chunk into its store array (memory: one block) and returns its manifest row.
+    The hash recorded is the hash of exactly the text embedded (a file edited since the scan gets its new hash)."""
+    text = load_text(ref, ref.get("max_bytes") or MAX_BYTES)
+    digest = content_hash(text)
+    doc_id = ref["doc_id"] if digest == ref["content_hash"] else f"{ref['doc_id'].rsplit('-', 1)[0]}-{digest[:8]}"
     encoding = lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(encoding["input_ids"], dtype=np.int64)
     starts = np.asarray([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)
     del encoding
     size = lm.chunk_size
-    writer = store.writer(ref["content_hash"], len(ids))
+    writer = store.writer(digest, len(ids))
     for rows in lm.iter_encode(torch.from_numpy(ids)):
         writer.append(rows.to("cpu", torch.float16).numpy())
     checksum = writer.close()
-    text_path = Path("texts") / f"{ref['content_hash'][:32]}.txt"
-    tmp = store.path / f"{text_path}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, store.path / text_path)
-    return {
-        "doc_id": ref["doc_id"], "source": ref["source"], "content_hash": ref["content_hash"], "n_tokens": len(ids),
+    text_path = store.write_text(digest, text)
+    row = {
+        "doc_id": doc_id, "source": ref["source"], "content_hash": digest, "n_tokens": len(ids),
         "chunk_size": size, "chunk_char_offsets": [int(c) for c in starts[::size]] + [len(text)],
         "dtype": "float16", "shape": [len(ids), store.hidden], "array": writer.name, "text_path": str(text_path),
         "checksum": checksum, "embedder_fingerprint": store.attrs["embedder_fingerprint"],
         "llm_fingerprint": store.attrs["llm_fingerprint"],
     }
+    store.write_record(row)  # complete: from here on, repair can list it
+    return row
 
 
 class EmbedDocuments:
@@ -63,10 +77,19 @@ class EmbedDocuments:
         rows = []
         for i in range(len(batch["doc_id"])):
             ref = {key: batch[key][i] for key in batch}
+            attempts = self.store.path / ATTEMPTS / ref["content_hash"][:32]
+            tried = int(attempts.read_text() or 0) if attempts.exists() else 0
+            if tried >= MAX_ATTEMPTS:  # it killed the worker each time: a crash or running out of memory
+                rows.append({"doc_id": ref["doc_id"], "source": ref["source"],
+                             "error": f"its worker died {tried} times while embedding it (a crash or out of memory)"})
+                continue
+            attempts.write_text(str(tried + 1))  # left behind only if this process dies
             try:
                 rows.append({**write_document(self.lm, self.store, ref), "error": ""})
             except Exception as err:  # one bad document is reported; the rest of the corpus goes on
-                rows.append({"doc_id": ref["doc_id"], "source": ref["source"], "error": f"{type(err).__name__}: {err}"})
+                rows.append({"doc_id": ref["doc_id"], "source": ref["source"],
+                             "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+            attempts.unlink()
         return {"row": rows}
 
 
@@ -101,20 +124,32 @@ def _disk_bytes(path: Path) -> int:
 
 def precompute(corpus: str | None, store_path: str, model: str | None = None, plugin: str | None = None,
                chunk_size: int | None = None, workers: int = 1, threads: int | None = None, commit_every: int = 64,
-               commit_seconds: float = 5.0, progress: bool = True, text_column: str = "text") -> Summary:
+               commit_seconds: float = 5.0, progress: bool = True, text_column: str = "text",
+               max_bytes: int = MAX_BYTES, wait: bool = False) -> Summary:
     """Embeds ``corpus`` into the store at ``store_path``; commits every ``commit_every`` documents or
     ``commit_seconds``, whichever comes first, so a killed job loses at most that much work."""
-    import ray
-
-    report = scan_corpus(corpus, text_column)
+    for name, value in (("--workers", workers), ("--chunk", chunk_size or 1), ("--commit-every", commit_every),
+                        ("--threads", threads or 1), ("--max-bytes", max_bytes)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    report = scan_corpus(corpus, text_column, max_bytes)
     if not report.documents and not report.problems:
-        from extensible.errors import UserError
-
         raise UserError(f"CORPUS {corpus} holds no documents")
     lm = load_extensible(model, plugin, chunk_size=chunk_size)
-    store = Store.create_or_open(store_path, **runtime_fingerprints(lm), hidden=lm.hidden_size,
-                                 chunk_size=lm.chunk_size)
+    fingerprints, hidden, size = runtime_fingerprints(lm), lm.hidden_size, lm.chunk_size
     del lm  # the actors hold their own copies
+    open_store = lambda: Store.create_or_open(store_path, **fingerprints, hidden=hidden, chunk_size=size)  # noqa: E731
+    store = Store.open(store_path) if (Path(store_path) / "zarr.json").exists() else open_store()
+    with store.lock(wait=wait):  # one writer for the whole write phase: what is stored is read under the lock
+        store = open_store()  # under the lock: the fingerprint check (or re-pinning a store with nothing committed)
+        return _embed(report, store, model, plugin, chunk_size, workers, threads, commit_every, commit_seconds,
+                      progress, max_bytes)
+
+
+def _embed(report, store: Store, model, plugin, chunk_size, workers, threads, commit_every, commit_seconds, progress,
+           max_bytes) -> Summary:
+    import ray
+
     stored = store.stored_hashes()
     todo = [ref for ref in report.documents if ref.content_hash not in stored]
     summary = Summary(store=str(store.path), already_stored=len(report.documents) - len(todo),
@@ -122,35 +157,61 @@ def precompute(corpus: str | None, store_path: str, model: str | None = None, pl
     if not todo:
         return summary
     before = _disk_bytes(store.path)
+    shutil.rmtree(store.path / ATTEMPTS, ignore_errors=True)  # attempts count per job
+    (store.path / ATTEMPTS).mkdir()
     use_gpu = torch.cuda.is_available()
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = ray.data.from_items([asdict(ref) for ref in todo]).map_batches(
+    # One block per document: a worker that dies takes only its own document with it. Ray 2.60 takes the retry
+    # bounds only as ray_remote_args, which it marks deprecated without a named replacement yet.
+    warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", ray.util.annotations.RayDeprecationWarning)
+    dataset = ray.data.from_items([{**asdict(ref), "max_bytes": max_bytes} for ref in todo],
+                                  override_num_blocks=len(todo)).map_batches(
         EmbedDocuments, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+        max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES,
         fn_constructor_kwargs={"store": str(store.path), "model": model, "plugin": plugin, "chunk_size": chunk_size,
                                "threads": threads},
     )
     start = last_commit = time.perf_counter()
     pending: list[dict] = []
+    scanned = {ref.source: ref for ref in todo}
+    done: set[str] = set()
+    failed = summary.problems.setdefault("failed", [])
     bar = tqdm(total=len(todo), desc="precompute", unit="doc", disable=not progress)
-    for item in dataset.iter_rows():
-        row = item["row"]
-        bar.update()
-        summary.first_document_seconds = summary.first_document_seconds or time.perf_counter() - start
-        if row["error"]:
-            summary.problems.setdefault("failed", []).append(f"{row['source']}: {row['error']}")
-            continue
-        pending.append({key: value for key, value in row.items() if key != "error"})
-        summary.stored += 1
-        summary.tokens += int(row["n_tokens"])
-        bar.set_postfix(tokens=f"{summary.tokens:,}")
-        if len(pending) >= commit_every or time.perf_counter() - last_commit >= commit_seconds:
-            store.commit(pending)
-            pending, last_commit = [], time.perf_counter()
-    store.commit(pending)
-    bar.close()
+    try:
+        for item in dataset.iter_rows():
+            row = item["row"]
+            done.add(row["source"])
+            bar.update()
+            summary.first_document_seconds = summary.first_document_seconds or time.perf_counter() - start
+            if row["error"]:
+                failed.append(f"{row['source']}: {row['error']}")
+                continue
+            if row["content_hash"] != scanned[row["source"]].content_hash:
+                summary.problems.setdefault("changed during the job", []).append(
+                    f"{row['source']} (stored as the text that was embedded)")
+            if row["content_hash"] in stored:
+                summary.problems.setdefault("duplicate", []).append(f"{row['source']} (its new text is stored)")
+                continue
+            stored.add(row["content_hash"])
+            pending.append({key: value for key, value in row.items() if key != "error"})
+            summary.stored += 1
+            summary.tokens += int(row["n_tokens"])
+            bar.set_postfix(tokens=f"{summary.tokens:,}")
+            if len(pending) >= commit_every or time.perf_counter() - last_commit >= commit_seconds:
+                store.commit(pending)
+                pending, last_commit = [], time.perf_counter()
+    except ray.exceptions.RayError as err:  # the retries are spent: report what is left, keep what was done
+        reason = str(err).strip().splitlines()[0]
+        failed += [f"{source}: not embedded: the workers died ({type(err).__name__}: {reason}); rerun to resume"
+                   for source in scanned if source not in done]
+    finally:
+        store.commit(pending)
+        bar.close()
+    if not failed:
+        del summary.problems["failed"]
     summary.seconds = time.perf_counter() - start
     summary.bytes_written = _disk_bytes(store.path) - before
     return summary

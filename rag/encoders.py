@@ -78,10 +78,15 @@ class EmbedderMeanEncoder:
         self.lm = lm  # an ExtensibleLM; needed for questions only, passages come from the store
 
     def chunk_vectors(self, document) -> np.ndarray:
-        """[chunks, hidden]: the mean of each chunk's stored full-resolution outputs."""
-        rows = document.read().astype(np.float32)
+        """[chunks, hidden]: the mean of each chunk's stored full-resolution outputs, read a few thousand rows at a
+        time (a 1M-token document never sits in memory whole)."""
         size = document.chunk_size
-        return normalise(np.stack([rows[start : start + size].mean(axis=0) for start in range(0, len(rows), size)]))
+        step = size * max(1, 4096 // size)
+        means = []
+        for start in range(0, len(document), step):
+            rows = document.read(start, start + step).astype(np.float32)
+            means += [rows[i : i + size].mean(axis=0) for i in range(0, len(rows), size)]
+        return normalise(np.stack(means))
 
     @torch.no_grad()
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:

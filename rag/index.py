@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from extensible.errors import UserError
-from storage.store import Store
+from storage.store import Store, sha256_file
 
 from .encoders import ENCODERS, EmbedderMeanEncoder, MiniLMEncoder
 
@@ -46,7 +46,30 @@ def index_path(store: Store, encoder: str) -> Path:
 def index_meta(store: Store, encoder: str) -> dict | None:
     """The index's meta.json, or None when there is no index."""
     file = index_path(store, encoder) / "meta.json"
-    return json.loads(file.read_text()) if file.exists() else None
+    if not file.exists():
+        return None
+    try:
+        meta = json.loads(file.read_text())
+        meta["store_digest"], meta["documents"], meta["passages"]  # noqa: B018 -- the fields every reader needs
+        return meta
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"the {encoder} passage index of {store.path} is damaged (meta.json); "
+                        f"run: extemb index {store.path} --encoder {encoder}") from None
+
+
+def check_indexes(store: Store) -> list[str]:
+    """Problems with the passage indexes beside a store: every file readable, sizes agreeing, current."""
+    problems = []
+    for encoder in sorted(p.name for p in (store.path / INDEX_DIR).glob("*") if p.is_dir() and p.name in ENCODERS):
+        try:
+            PassageIndex.open(store, encoder)
+            folder, meta = index_path(store, encoder), index_meta(store, encoder)
+            problems += [f"index/{encoder}/{name}: its bytes are not the ones written; run: extemb index {store.path} "
+                         f"--encoder {encoder}" for name, file in meta.get("files", {}).items()
+                         if sha256_file(folder / name) != file["sha256"]]
+        except UserError as err:
+            problems.append(f"index/{encoder}: {err}")
+    return problems
 
 
 def index_is_current(store: Store, encoder: str) -> bool:
@@ -67,7 +90,11 @@ def build_index(store: Store, encoder_name: str = "minilm", encoder=None, progre
     documents = store.documents()
     if not documents:
         raise UserError(f"the store {store.path} is empty; run: make precompute STORE={store.path}")
-    encoder = encoder or make_encoder(encoder_name)
+    with store.lock():  # one index build at a time, and never while a job writes the store
+        return _build(store, documents, encoder_name, encoder or make_encoder(encoder_name), progress)
+
+
+def _build(store: Store, documents: list, encoder_name: str, encoder, progress: bool) -> Path:
     rows, vectors = [], []
     for document in tqdm(documents, desc=f"indexing passages ({encoder_name})", unit="doc", disable=not progress):
         offsets = document.row["chunk_char_offsets"]
@@ -91,8 +118,10 @@ def build_index(store: Store, encoder_name: str = "minilm", encoder=None, progre
     tmp.mkdir(parents=True)
     faiss.write_index(index, str(tmp / "vectors.faiss"))
     pq.write_table(pa.Table.from_pylist(rows), tmp / "passages.parquet")
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+             for name in ("vectors.faiss", "passages.parquet")}
     (tmp / "meta.json").write_text(json.dumps({
-        "encoder": encoder_name, "dimension": int(matrix.shape[1]), "passages": len(rows),
+        "encoder": encoder_name, "dimension": int(matrix.shape[1]), "passages": len(rows), "files": files,
         "documents": len(documents), "store_digest": store_digest(store), "created": time.time(),
     }, indent=2))
     old = target.with_name(f".{target.name}.old")
@@ -127,11 +156,20 @@ class PassageIndex:
         if not index_is_current(store, encoder_name):
             raise UserError(f"the {encoder_name} passage index of {store.path} is stale (built for "
                             f"{meta['documents']} documents, the store now holds {len(store)}); {hint}")
-        index = faiss.read_index(str(folder / "vectors.faiss"))
+        def read(name: str, reader):
+            try:
+                if name in meta.get("files", {}) and (folder / name).stat().st_size != meta["files"][name]["bytes"]:
+                    raise ValueError("its size differs from the one written")
+                return reader(folder / name)
+            except Exception as err:  # faiss raises RuntimeError, pyarrow ArrowInvalid, a missing file OSError
+                raise UserError(f"the {encoder_name} passage index of {store.path} is damaged ({name}: "
+                                f"{str(err).splitlines()[0][:80] or type(err).__name__}); {hint}") from None
+
+        index = read("vectors.faiss", lambda file: faiss.read_index(str(file)))
+        passages = read("passages.parquet", lambda file: pq.read_table(file).to_pylist())
         if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-gpu: search on the GPU
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        passages = pq.read_table(folder / "passages.parquet").to_pylist()
-        if index.ntotal != len(passages):
+        if index.ntotal != len(passages) or len(passages) != meta["passages"]:
             raise UserError(f"the {encoder_name} passage index of {store.path} is damaged "
                             f"({index.ntotal} vectors, {len(passages)} passages); {hint}")
         return cls(store, encoder_name, index, passages, meta)

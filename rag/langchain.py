@@ -49,13 +49,24 @@ class _UsesLibrary(BaseModel):
         return self.library
 
 
+def _check_k(k: int) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise UserError(f"StoreRetriever k={k!r}: k is the number of passages to return, an integer >= 1")
+
+
 class StoreRetriever(_UsesLibrary, BaseRetriever):
     """The ``k`` passages of the store nearest to the query, as Documents with their place in the store."""
 
     k: int = 4
 
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        _check_k(self.k)  # after validation: pydantic would wrap the one-line error in its own
+
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: int | None = None) -> list[Document]:
+        if k is not None:
+            _check_k(k)
         library = self.get_library()
         documents = []
         for source in library.search(query, documents=None, passages=k or self.k):

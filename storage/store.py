@@ -6,11 +6,14 @@ Layout of a store folder::
     docs/<content hash>/       [n_tokens, hidden] float16, rows level-major within blocks (storage.rows),
                                one shard file per block, 128-row inner chunks, zstd
     texts/<content hash>.txt   the document text (passages for retrieval are its chunk spans)
-    manifest.parquet           one row per stored document: the commit point
+    docs/<content hash>/record.json   the document's manifest row, written once its array and text are complete
+    manifest.parquet           one row per stored document: the commit point (manifest.prev.parquet: the one before)
+    .lock                      held by the one writer (filelock); .lock.holder says who
 
-A document becomes visible only when its manifest row is committed (written to a temporary file in the same folder,
-then renamed over the manifest), after its array and text are complete. A killed job leaves at most invisible
-arrays, which a rerun overwrites. Only one process -- the job's driver -- writes the manifest.
+A document becomes visible only when its manifest row is committed (written under the lock to a unique temporary file
+in the same folder, then renamed over the manifest), after its array, text and record are complete. A killed job
+leaves at most invisible arrays, which a rerun overwrites. The manifest is only an index: ``repair`` rebuilds it from
+the records. Every inner chunk carries a crc32c checksum, so damaged bytes are an error on read, never wrong vectors.
 """
 
 from __future__ import annotations
@@ -18,8 +21,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
+import shutil
+import socket
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+import filelock
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +38,7 @@ import pyarrow.compute  # noqa: F401 -- pa.compute
 import pyarrow.parquet as pq
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from extensible.downscale import downscale_chunk, rows_needed
 from extensible.errors import UserError
@@ -36,7 +48,11 @@ from .rows import RowOrder, block_order, prefix_length, prefix_readable
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.parquet"
+PREVIOUS_MANIFEST = "manifest.prev.parquet"
+RECORD = "record.json"
+LOCK = ".lock"
 INNER_ROWS = 128
+COMMIT_WAIT_S = 120  # a commit waits this long for another writer's commit, then names it
 MANIFEST_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
@@ -58,36 +74,74 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+def _repair_hint(path: Path) -> str:
+    return f"run: extemb store verify {path} (and extemb store repair {path})"
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _write_atomically(target: Path, write) -> None:
+    """``write(tmp_path)`` into a unique temporary file beside ``target``, flushed to disk, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 class Store:
     def __init__(self, path: Path, group: zarr.Group):
         self.path = path
         self.group = group
         self.attrs = dict(group.attrs)
+        # One lock object per store path in this process, so the job's lock and its commits nest.
+        self._lock = filelock.FileLock(path / LOCK, is_singleton=True, thread_local=False)
 
     # ---- opening -----------------------------------------------------------------------------------------------
 
     @classmethod
     def create_or_open(cls, path: str | Path, embedder_fingerprint: str, llm_fingerprint: str, hidden: int,
                        chunk_size: int, block_rows: int = 4096, max_level: int = 32) -> Store:
-        """The store for this embedder: created if absent; refused if it was built by another embedder or LLM."""
+        """The store for this embedder: created if absent; refused if it was built by another embedder or LLM.
+        An empty store (nothing committed yet) is re-pinned to this embedder, so a failed first run does not stick."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--store {path} is a file, not a store folder")
+        unit = math.lcm(chunk_size, INNER_ROWS)  # a block is whole chunks and whole inner chunks, for any chunk size
+        block_rows = -(-block_rows // unit) * unit
+        attributes = {
+            "format_version": FORMAT_VERSION, "embedder_fingerprint": embedder_fingerprint,
+            "llm_fingerprint": llm_fingerprint, "hidden": hidden, "chunk_size": chunk_size,
+            "block_rows": block_rows, "max_level": max_level, "row_order": "level-major within blocks",
+        }
         if (path / "zarr.json").exists():
             store = cls.open(path)
             clash = store.fingerprint_clash({"embedder_fingerprint": embedder_fingerprint,
-                                             "llm_fingerprint": llm_fingerprint}, "this job")
+                                             "llm_fingerprint": llm_fingerprint, "hidden": hidden,
+                                             "chunk_size": chunk_size}, "this job")
+            if clash and store.is_empty():
+                store._check_writable()
+                store.group.attrs.update(attributes)
+                return cls.open(path)
             if clash:
                 raise UserError(f"{path} holds embeddings of another embedder or LLM ({'; '.join(clash)}); "
                                 "use another STORE")
             return store
-        if block_rows % chunk_size:
-            block_rows = (block_rows // chunk_size + 1) * chunk_size
-        group = zarr.open_group(path, mode="w-", attributes={
-            "format_version": FORMAT_VERSION, "embedder_fingerprint": embedder_fingerprint,
-            "llm_fingerprint": llm_fingerprint, "hidden": hidden, "chunk_size": chunk_size,
-            "block_rows": block_rows, "max_level": max_level, "row_order": "level-major within blocks",
-        })
-        group.require_group("docs")
-        (path / "texts").mkdir(exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            group = zarr.open_group(path, mode="w-", attributes=attributes)
+            group.require_group("docs")
+            (path / "texts").mkdir(exist_ok=True)
+        except PermissionError as err:
+            raise UserError(f"cannot create the store {path}: {err.strerror} ({err.filename})") from None
         return cls(path, group)
 
     @classmethod
@@ -95,7 +149,10 @@ class Store:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise UserError(f"no store at {path} (run: make precompute STORE={path})")
-        group = zarr.open_group(path, mode="r+" if os.access(path, os.W_OK) else "r")
+        try:
+            group = zarr.open_group(path, mode="r+" if os.access(path, os.W_OK) else "r")
+        except Exception as err:  # a damaged zarr.json
+            raise UserError(f"{path}/zarr.json is unreadable ({type(err).__name__}); the store cannot be opened") from None
         version = group.attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise UserError(f"{path} has store format {version}; this version reads format {FORMAT_VERSION}")
@@ -106,11 +163,57 @@ class Store:
         return [f"{key}: store {self.attrs.get(key)} vs {whose} {value}"
                 for key, value in fingerprints.items() if self.attrs.get(key) != value]
 
+    def is_empty(self) -> bool:
+        """Nothing committed and no complete document on disk: the store is not yet pinned to an embedder."""
+        return not (self.path / MANIFEST).exists() and not any((self.path / "docs").glob(f"*/{RECORD}"))
+
+    # ---- the writer's lock -------------------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if not os.access(self.path, os.W_OK):
+            raise UserError(f"the store {self.path} is read-only; copy it or fix its permissions to write to it")
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it."""
+        try:
+            info = json.loads((self.path / f"{LOCK}.holder").read_text())
+            return f"pid {info['pid']} on {info['host']} since {info['since']} ({info['command']})"
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    @contextmanager
+    def lock(self, wait: bool = False, timeout: float | None = None):
+        """The store's one writer: held by a job for its whole write phase and by every commit and repair.
+        Refused at once (or after ``timeout`` seconds) with a message naming the holder, unless ``wait``."""
+        self._check_writable()
+        first = not self._lock.is_locked
+        try:
+            self._lock.acquire(timeout=-1 if wait else (timeout or 0))
+        except filelock.Timeout:
+            raise UserError(f"the store {self.path} is being written by {self.holder()}; wait for it to finish "
+                            "(or pass --wait)") from None
+        except PermissionError:
+            raise UserError(f"the store {self.path} is read-only; copy it or fix its permissions to write to it") from None
+        try:
+            if first:
+                (self.path / f"{LOCK}.holder").write_text(json.dumps({
+                    "pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200],
+                    "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}))
+            yield self
+        finally:
+            self._lock.release()
+
     # ---- the manifest ------------------------------------------------------------------------------------------
 
     def manifest(self) -> pa.Table:
         file = self.path / MANIFEST
-        return pq.read_table(file, schema=MANIFEST_SCHEMA) if file.exists() else MANIFEST_SCHEMA.empty_table()
+        if not file.exists():
+            return MANIFEST_SCHEMA.empty_table()
+        try:
+            return pq.read_table(file, schema=MANIFEST_SCHEMA)
+        except Exception as err:  # truncated or overwritten: the records can rebuild it
+            raise UserError(f"the manifest {file} is unreadable ({type(err).__name__}); "
+                            f"run: extemb store repair {self.path}") from None
 
     def __len__(self) -> int:
         return self.manifest().num_rows
@@ -118,16 +221,109 @@ class Store:
     def stored_hashes(self) -> set[str]:
         return set(self.manifest().column("content_hash").to_pylist())
 
-    def commit(self, rows: list[dict]) -> None:
-        """Appends manifest rows atomically (temporary file in the same folder, then rename)."""
+    def commit(self, rows: list[dict]) -> list[dict]:
+        """Appends manifest rows under the lock, atomically; a document already listed is not added twice.
+        Returns the rows that were new."""
         if not rows:
-            return
-        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-        new = pa.Table.from_pylist([{**row, "created": row.get("created", now)} for row in rows], schema=MANIFEST_SCHEMA)
-        table = pa.concat_tables([self.manifest(), new])
-        tmp = self.path / f".{MANIFEST}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, self.path / MANIFEST)
+            return []
+        with self.lock(timeout=COMMIT_WAIT_S):
+            current = self.manifest()
+            listed = set(current.column("content_hash").to_pylist())
+            new_rows = []
+            for row in rows:
+                if row["content_hash"] not in listed:
+                    listed.add(row["content_hash"])
+                    new_rows.append(row)
+            if new_rows:
+                now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+                new = pa.Table.from_pylist([{**row, "created": row.get("created") or now} for row in new_rows],
+                                           schema=MANIFEST_SCHEMA)
+                self._write_manifest(pa.concat_tables([current, new]))
+        return new_rows
+
+    def _write_manifest(self, table: pa.Table) -> None:
+        """Keeps the previous generation (manifest.prev.parquet), then renames the new one into place."""
+        file = self.path / MANIFEST
+        if file.exists():
+            _write_atomically(self.path / PREVIOUS_MANIFEST, lambda tmp: shutil.copyfile(file, tmp))
+        _write_atomically(file, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+    def write_text(self, content_hash: str, text: str) -> str:
+        """Stores a document's text (exactly the UTF-8 bytes that were hashed); returns its path in the store."""
+        text_path = f"texts/{content_hash[:32]}.txt"
+        _write_atomically(self.path / text_path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
+        return text_path
+
+    def write_record(self, row: dict) -> None:
+        """The document is complete: its manifest row beside its array, from which ``repair`` can rebuild."""
+        record = {**row, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        _write_atomically(self.path / row["array"] / RECORD, lambda tmp: tmp.write_text(json.dumps(record)))
+
+    # ---- repair ------------------------------------------------------------------------------------------------
+
+    def repair(self) -> list[str]:
+        """Rebuilds the manifest from the documents' records (and any readable manifest generation): keeps every
+        document whose array, checksum and text are sound, once; removes duplicates, damaged documents and orphans
+        (arrays, texts and temporary files no document owns). Returns what it did, one line each."""
+        done = []
+        with self.lock():
+            current = []
+            for name in (MANIFEST, PREVIOUS_MANIFEST):
+                if not (self.path / name).exists():
+                    continue
+                try:
+                    rows = pq.read_table(self.path / name, schema=MANIFEST_SCHEMA).to_pylist()
+                except Exception as err:
+                    done.append(f"{name} was unreadable ({type(err).__name__}); rebuilt from the records")
+                    continue
+                if name == MANIFEST:
+                    hashes = [r["content_hash"] for r in rows]
+                    if len(hashes) != len(set(hashes)):
+                        done.append(f"dropped {len(hashes) - len(set(hashes))} duplicate manifest rows")
+                current += rows
+            candidates: dict[str, dict] = {}
+            for file in sorted((self.path / "docs").glob(f"*/{RECORD}")):
+                try:
+                    row = json.loads(file.read_text())
+                    row["created"] = dt.datetime.fromisoformat(row["created"])
+                except (ValueError, KeyError) as err:
+                    done.append(f"ignored the damaged record {file.relative_to(self.path)} ({type(err).__name__})")
+                    continue
+                candidates.setdefault(row["content_hash"], row)
+            for row in current:  # documents of older stores, written before records existed
+                candidates.setdefault(row["content_hash"], row)
+            keep = []
+            for row in sorted(candidates.values(), key=lambda r: (r["created"], r["doc_id"])):
+                problem = self.check_document(row)
+                if problem:
+                    done.append(f"dropped {row['doc_id']}: {problem} (rerun precompute to embed it again)")
+                else:
+                    keep.append(row)
+            for row in keep:
+                if not (self.path / row["array"] / RECORD).exists():
+                    self.write_record({k: v for k, v in row.items() if k != "created"})
+            self._write_manifest(pa.Table.from_pylist(keep, schema=MANIFEST_SCHEMA))
+            done += self._remove_orphans(keep)
+            done.append(f"manifest rebuilt: {len(keep)} documents")
+        return done
+
+    def _remove_orphans(self, rows: list[dict]) -> list[str]:
+        arrays = {row["array"] for row in rows}
+        texts = {row["text_path"] for row in rows}
+        removed = []
+        for folder in sorted((self.path / "docs").iterdir()):
+            if folder.is_dir() and f"docs/{folder.name}" not in arrays:
+                shutil.rmtree(folder)
+                removed.append(f"docs/{folder.name}")
+        for file in sorted((self.path / "texts").iterdir()):
+            if f"texts/{file.name}" not in texts:
+                file.unlink()
+                removed.append(f"texts/{file.name}")
+        for file in sorted(self.path.glob(".*.tmp")):
+            file.unlink()
+            removed.append(file.name)
+        return [f"removed {len(removed)} orphans: {', '.join(removed[:10])}" + (" ..." if len(removed) > 10 else "")
+                ] if removed else []
 
     # ---- documents ---------------------------------------------------------------------------------------------
 
@@ -152,29 +348,49 @@ class Store:
         return [StoredDocument(self, row) for row in self.manifest().to_pylist()]
 
     def text(self, row: dict) -> str:
-        return (self.path / row["text_path"]).read_text(encoding="utf-8")
+        """The document's text, refused unless its bytes are the ones that were hashed and embedded."""
+        file = self.path / row["text_path"]
+        try:
+            data = file.read_bytes()
+        except OSError as err:
+            raise UserError(f"the text of {row['doc_id']} ({row['text_path']}) cannot be read ({err.strerror}); "
+                            f"{_repair_hint(self.path)}") from None
+        if hashlib.sha256(data).hexdigest() != row["content_hash"]:
+            raise UserError(f"the text of {row['doc_id']} ({row['text_path']}) is not the text that was embedded; "
+                            f"{_repair_hint(self.path)}")
+        return data.decode("utf-8")
 
     # ---- checks ------------------------------------------------------------------------------------------------
 
+    def check_document(self, row: dict) -> str | None:
+        """What is wrong with one stored document (array shape, checksum of its bytes, its text), or None."""
+        try:
+            document = StoredDocument(self, row)
+            if list(document.array.shape) != list(row["shape"]):
+                return f"shape {document.array.shape} != manifest {row['shape']}"
+            if document.checksum() != row["checksum"]:
+                return f"checksum mismatch (array {row['array']} is corrupt)"
+        except UserError as err:
+            return str(err).split("; run:")[0]
+        text = self.path / row["text_path"]
+        if not text.is_file():
+            return f"text {row['text_path']} is missing"
+        if sha256_file(text) != row["content_hash"]:
+            return f"text {row['text_path']} does not match its content hash (edited or damaged)"
+        return None
+
     def verify(self) -> list[str]:
-        """Problems found by recomputing every document's checksum; an empty list means the store is sound."""
-        problems = []
-        for document in self.documents():
-            row = document.row
-            try:
-                array = document.array
-                if list(array.shape) != row["shape"]:
-                    problems.append(f"{row['doc_id']}: shape {array.shape} != manifest {row['shape']}")
-                    continue
-                if document.checksum() != row["checksum"]:
-                    problems.append(f"{row['doc_id']}: checksum mismatch (array {row['array']} is corrupt)")
-                if not (self.path / row["text_path"]).exists():
-                    problems.append(f"{row['doc_id']}: text {row['text_path']} is missing")
-            except Exception as err:  # a missing or unreadable array is a finding, not a crash
-                problems.append(f"{row['doc_id']}: cannot read {row['array']} ({type(err).__name__}: {err})")
-        doc_ids = self.manifest().column("doc_id").to_pylist()
-        problems += [f"{doc_id}: listed {doc_ids.count(doc_id)} times" for doc_id in sorted(set(doc_ids))
-                     if doc_ids.count(doc_id) > 1]
+        """Problems found by recomputing every document's checksums; an empty list means the store is sound."""
+        try:
+            table = self.manifest()
+        except UserError as err:
+            return [str(err)]
+        problems = [f"{row['doc_id']}: {problem}" for row in table.to_pylist()
+                    if (problem := self.check_document(row))]
+        for column in ("doc_id", "content_hash"):
+            values = table.column(column).to_pylist()
+            problems += [f"{value}: listed {values.count(value)} times; run: extemb store repair {self.path}"
+                         for value in sorted(set(values)) if values.count(value) > 1]
         return problems
 
     def info(self) -> dict:
@@ -197,7 +413,8 @@ class DocumentWriter:
         self.order = RowOrder(n_tokens, store.chunk_size, block, int(store.attrs["max_level"]))
         self.array = store.group.create_array(
             self.name, shape=(n_tokens, store.hidden), dtype="float16", chunks=(INNER_ROWS, store.hidden),
-            shards=(block, store.hidden), overwrite=True,
+            shards=(block, store.hidden), overwrite=True, compressors=[ZstdCodec(), Crc32cCodec()],
+            config={"write_empty_chunks": True},  # every shard exists, so a missing one is damage, not zeros
             attributes={"row_order": "level-major within blocks", "block_rows": block},
         )
         self.buffer: list[np.ndarray] = []
@@ -234,10 +451,37 @@ class StoredDocument:
         self.store, self.row = store, row
         self.order = RowOrder(row["n_tokens"], row["chunk_size"], int(store.attrs["block_rows"]),
                               int(store.attrs["max_level"]))
+        self._array: zarr.Array | None = None
 
     @property
     def array(self) -> zarr.Array:
-        return self.store.group[self.row["array"]]
+        """The document's array, opened once; refused when it or any of its shard files is missing."""
+        if self._array is None:
+            with self._checked():
+                array = self.store.group[self.row["array"]]
+                folder = self.store.path / self.row["array"]
+                missing = [b for b in range(len(self.order.blocks()))
+                           if not (folder / array.metadata.encode_chunk_key((b, 0))).is_file()]
+                if missing:
+                    raise FileNotFoundError(f"shard {missing[0]} of {len(self.order.blocks())} is missing")
+                self._array = array
+        return self._array
+
+    @contextmanager
+    def _checked(self):
+        """Any failure to read the stored bytes (a crc32c mismatch, a missing or truncated file) as one clear error."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:
+            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            raise UserError(f"stored document {self.row['doc_id']} in {self.store.path} is damaged ({reason}); "
+                            f"{_repair_hint(self.store.path)}, then rerun precompute") from None
+
+    def _get(self, selection) -> np.ndarray:
+        with self._checked():
+            return self.array[selection]
 
     def __len__(self) -> int:
         return self.row["n_tokens"]
@@ -249,7 +493,7 @@ class StoredDocument:
     def checksum(self) -> str:
         sha = hashlib.sha256()
         for start, stop in self.order.blocks():
-            sha.update(np.ascontiguousarray(self.array[start:stop]).tobytes())
+            sha.update(np.ascontiguousarray(self._get(slice(start, stop))).tobytes())
         return sha.hexdigest()
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -259,7 +503,7 @@ class StoredDocument:
         for block_start, block_stop in self.order.blocks():
             if block_stop <= start or block_start >= stop:
                 continue
-            stored = self.array[block_start:block_stop]
+            stored = self._get(slice(block_start, block_stop))
             tokens = np.empty_like(stored)
             tokens[block_order(block_stop - block_start, self.order.chunk_size, self.order.max_level)] = stored
             parts.append(tokens[max(start, block_start) - block_start : min(stop, block_stop) - block_start])
@@ -273,7 +517,9 @@ class StoredDocument:
     def take(self, token_rows: np.ndarray) -> np.ndarray:
         """Rows at arbitrary token indices, reading only the inner chunks that hold them."""
         stored = self.order.token_to_stored()[np.asarray(token_rows)]
-        return self.array.get_orthogonal_selection((stored, slice(None)))
+        array = self.array
+        with self._checked():
+            return array.get_orthogonal_selection((stored, slice(None)))
 
     def strided(self, k: int, chunks: int | None = None) -> np.ndarray:
         """o_k, o_2k, ... of each of the first ``chunks`` complete chunks, in token order."""
@@ -321,7 +567,7 @@ class StoredDocument:
                 break
             length = stop - start
             prefix = prefix_length(length, self.order.chunk_size, k)
-            stored = self.array[start : start + prefix]
+            stored = self._get(slice(start, start + prefix))
             tokens = start + block_order(length, self.order.chunk_size, self.order.max_level)[:prefix]
             keep = np.argsort(tokens)
             selected = stored[keep]

@@ -23,7 +23,7 @@ def test_the_strided_sample_is_a_prefix_of_every_block(n_rows):
 
 
 def content_hash(seed):
-    return hashlib.sha256(str(seed).encode()).hexdigest()
+    return hashlib.sha256(f"text {seed}".encode()).hexdigest()
 
 
 def write_document(store, n_tokens, seed=0, piece=37):
@@ -33,9 +33,9 @@ def write_document(store, n_tokens, seed=0, piece=37):
         writer.append(rows[start : start + piece])
     store.commit([{"doc_id": f"doc{seed}", "source": "test", "content_hash": content_hash(seed), "n_tokens": n_tokens,
                    "chunk_size": CHUNK, "chunk_char_offsets": [0], "dtype": "float16", "shape": [n_tokens, HIDDEN],
-                   "array": writer.name, "text_path": "texts/none.txt", "checksum": writer.close(),
+                   "array": writer.name, "text_path": f"texts/doc{seed}.txt", "checksum": writer.close(),
                    "embedder_fingerprint": "e", "llm_fingerprint": "l"}])
-    (store.path / "texts" / "none.txt").write_text("text")
+    (store.path / "texts" / f"doc{seed}.txt").write_text(f"text {seed}")
     return rows
 
 
@@ -68,7 +68,7 @@ def test_downscaled_reads_equal_downscaling_the_full_array(store, k, method):
 
 def test_the_manifest_is_the_commit_point(store):
     write_document(store, 300, seed=1)
-    (store.path / ".manifest.parquet.tmp").write_bytes(b"half-written garbage from a killed commit")
+    (store.path / ".manifest.parquet.1234.tmp").write_bytes(b"half-written garbage from a killed commit")
     assert Store.open(store.path).manifest().column("doc_id").to_pylist() == ["doc1"]
     store.writer(content_hash(2), 100).append(np.zeros((50, HIDDEN)))  # a killed write: array exists, no manifest row
     assert len(Store.open(store.path)) == 1 and Store.open(store.path).verify() == []
@@ -87,6 +87,10 @@ def test_verify_names_a_corrupt_document(store):
 
 
 def test_another_embedder_never_writes_into_a_store(store):
+    # An empty store is not yet pinned: a failed first run must not refuse the corrected rerun.
+    assert Store.create_or_open(store.path, "other", "l", HIDDEN, CHUNK).attrs["embedder_fingerprint"] == "other"
+    store = Store.create_or_open(store.path, "e", "l", HIDDEN, CHUNK, block_rows=256)
+    write_document(store, 100)
     with pytest.raises(UserError, match="another embedder"):
         Store.create_or_open(store.path, "other", "l", HIDDEN, CHUNK)
     with pytest.raises(UserError, match="no store"):

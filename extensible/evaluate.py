@@ -140,10 +140,12 @@ class Protocol:
         return self._scaled[key]
 
 
-def bootstrap_interval(differences: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% paired-bootstrap interval of the mean of per-sample differences."""
+def bootstrap_interval(differences, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of the mean of per-sample differences (an array); given a list of arrays (one
+    per file), of the average over files of each file's mean, resampling within each file."""
+    groups = [differences] if isinstance(differences, np.ndarray) else [np.asarray(g) for g in differences]
     rng = np.random.default_rng(seed)
-    means = differences[rng.integers(0, len(differences), (rounds, len(differences)))].mean(axis=1)
+    means = np.mean([g[rng.integers(0, len(g), (rounds, len(g)))].mean(axis=1) for g in groups], axis=0)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 

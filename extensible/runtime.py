@@ -41,8 +41,12 @@ class Score:
         return float(self.token_nll.sum())
 
     @property
+    def mean_nll(self) -> float:
+        return self.nll / self.tokens
+
+    @property
     def ppl(self) -> float:
-        return math.exp(self.nll / self.tokens)
+        return math.exp(self.mean_nll)
 
 
 def as_token_tensor(ids) -> torch.Tensor:
@@ -247,6 +251,35 @@ class ExtensibleLM:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **generate_kwargs)
         return out[0].tolist()
+
+    @torch.no_grad()
+    def prefix_cache(self, embeds: torch.Tensor) -> DynamicCache:
+        """The KV cache of a composed input, so that many continuations of it are scored at the cost of their own
+        tokens (e.g. every question about one document read as a whole)."""
+        return self.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).cache
+
+    @torch.no_grad()
+    def score_continuation(self, embeds: torch.Tensor, target_ids, prefix: DynamicCache | None = None) -> Score:
+        """Teacher-forced NLL of ``target_ids`` read right after the composed input ``embeds`` ([1, n, hidden]). With
+        ``prefix`` (the cache of an input that ``embeds`` continues), only ``embeds`` and the target are run."""
+        target = as_token_tensor(target_ids).to(self.device)
+        if len(target) < 1:
+            raise UserError("the target to score is empty")
+        past = prefix.get_seq_length() if prefix is not None else 0
+        # a cached prefix is full attention over a whole document: bounded by the model's positions, not the window
+        limit = self.llm.config.max_position_embeddings if prefix is not None else self.window
+        if past + embeds.shape[1] + len(target) > limit:
+            raise ContextTooLongError(f"the input ({past + embeds.shape[1]} positions) and the target ({len(target)} "
+                                      f"tokens) exceed {limit} positions")
+        inputs = torch.cat([embeds, self.llm.get_input_embeddings()(target[:-1])[None].to(embeds.dtype)], dim=1)
+        try:
+            logits = self.llm(inputs_embeds=inputs, cache=prefix, use_cache=prefix is not None,
+                              logits_to_keep=len(target)).logits[0]
+        finally:
+            if prefix is not None and prefix.get_seq_length() > past:  # leave the cache as it was for the next one
+                prefix.crop(past - prefix.get_seq_length())
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return Score(-logprobs.gather(1, target[:, None])[:, 0].cpu())
 
     def stream(self, k: int, block: int = 256) -> OnlineSession:
         return OnlineSession(self, k, block)

@@ -168,8 +168,12 @@ def _print_answer(answer, as_json: bool) -> None:
         return
     print(f"Q: {answer.question}\nA: {answer.answer}")
     for source in answer.sources:
-        print(f"   source: {source.source} (score {source.score:.3f}; read {source.chunks_read}/{source.chunks_total} "
-              f"chunks at k={source.k_min}" + (f"..{source.k_max}" if source.k_max != source.k_min else "") + ")")
+        compressed = sorted({k for k in source.chunk_ks.values() if k > 1})
+        read = f"chunks {', '.join(map(str, source.raw_chunks))} raw" if source.raw_chunks else "no chunk raw"
+        if compressed:
+            read += f", {source.chunks_read - len(source.raw_chunks)} compressed at k={'/'.join(map(str, compressed))}"
+        print(f"   source: {source.source} (score {source.score:.3f}; {read}; {source.chunks_read}/"
+              f"{source.chunks_total} chunks read)")
     print(f"   [{answer.input_positions} input positions, {answer.seconds:.1f} s, {answer.strategy}]")
 
 
@@ -184,17 +188,19 @@ def cmd_ask(args) -> None:
 
 
 def cmd_eval_qa(args) -> None:
-    from rag.qa_eval import evaluate_qa, parse_qa_methods, qa_markdown
+    from rag.qa_eval import evaluate_qa, parse_qa_methods, plot_qa, qa_markdown
 
     methods = parse_qa_methods(args.methods)
     lm = _runtime(args)
-    rows, predictions = evaluate_qa(lm, args.data, methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
-    report = qa_markdown(rows)
+    rows, records = evaluate_qa(lm, args.data, methods, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                                generate=not args.no_generate)
+    report = qa_markdown(rows, records)
     print(report)
     if args.json:
         out = write_rows(args.json, rows, report)
-        out.with_name(out.stem + ".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
-        print(f"wrote {out}, {out.with_suffix('.md')} and the predictions beside them")
+        out.with_name(out.stem + ".questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        plot_qa(rows, out.with_suffix(".png"), f"window {lm.window}, chunk {lm.chunk_size}")
+        print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} and the questions beside them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", nargs="+")
     ask.add_argument("--store", required=True)
     ask.add_argument("--documents", type=_positive, default=2, help="documents read per question (default 2)")
-    ask.add_argument("--strategy", default="adaptive", help="adaptive (one k, the smallest that fits) or graded")
+    ask.add_argument("--strategy", default="hybrid", help="hybrid (default: the passages nearest to the question "
+                     "raw, the rest compressed), rag (passages only), graded or adaptive")
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)
@@ -263,11 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     qa = sub.add_parser("eval-qa", help="QA on L-Eval-format files: window vs extensible embeddings")
     qa.add_argument("--data", nargs="+", required=True, help="L-Eval .jsonl files")
-    qa.add_argument("--methods", default="window,ext:adaptive", help="comma-separated: window, full, ext:adaptive, "
-                    "ext:graded, ext:K")
-    qa.add_argument("--limit", type=_positive, default=None, help="questions per file")
-    qa.add_argument("--max-new-tokens", type=_positive, default=64)
-    qa.add_argument("--json", help="write the rows here (a .md table and the predictions beside it)")
+    qa.add_argument("--methods", default="window,rag,hybrid", help="comma-separated: window, full, rag, hybrid, "
+                    "ext:adaptive, ext:graded, ext:K")
+    qa.add_argument("--limit", type=_positive, default=None,
+                    help="questions per file, spread over its documents and over each document's questions")
+    qa.add_argument("--max-new-tokens", type=_positive, default=64, help="answer length (and the reference tokens scored)")
+    qa.add_argument("--no-generate", action="store_true", help="answer NLL only: no generation, no F1/EM/ROUGE-L")
+    qa.add_argument("--json", help="write the rows here (a .md table, a .png plot and every question beside it)")
     _model_args(qa)
     qa.set_defaults(func=cmd_eval_qa)
     return parser

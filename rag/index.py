@@ -132,6 +132,15 @@ def _build(store: Store, documents: list, encoder_name: str, encoder, progress: 
     return target
 
 
+def chunk_relevance(chunks: list[int], vectors: np.ndarray, query: np.ndarray) -> dict[int, float]:
+    """chunk -> the best cosine of its passages to the query (all vectors normalised)."""
+    scores = np.asarray(vectors, dtype=np.float32) @ np.asarray(query, dtype=np.float32)
+    best: dict[int, float] = {}
+    for chunk, score in zip(chunks, scores.tolist()):
+        best[chunk] = max(best.get(chunk, -np.inf), score)
+    return best
+
+
 @dataclass
 class Hit:
     doc_id: str
@@ -145,6 +154,7 @@ class Hit:
 class PassageIndex:
     def __init__(self, store: Store, encoder_name: str, index, passages: list[dict], meta: dict):
         self.store, self.encoder_name, self.index, self.passages, self.meta = store, encoder_name, index, passages, meta
+        self._rows_of: dict[str, tuple[int, int]] | None = None  # doc_id -> (first passage row, passages)
 
     @classmethod
     def open(cls, store: Store, encoder_name: str = "minilm") -> PassageIndex:
@@ -173,6 +183,17 @@ class PassageIndex:
             raise UserError(f"the {encoder_name} passage index of {store.path} is damaged "
                             f"({index.ntotal} vectors, {len(passages)} passages); {hint}")
         return cls(store, encoder_name, index, passages, meta)
+
+    def chunk_scores(self, vector: np.ndarray, doc_id: str) -> dict[int, float]:
+        """Relevance of every chunk of one document to a normalised query vector (its best passage's score)."""
+        if self._rows_of is None:
+            self._rows_of = {}
+            for i, passage in enumerate(self.passages):  # a document's passages are contiguous (built doc by doc)
+                first, count = self._rows_of.get(passage["doc_id"], (i, 0))
+                self._rows_of[passage["doc_id"]] = (first, count + 1)
+        first, count = self._rows_of.get(doc_id, (0, 0))
+        vectors = self.index.reconstruct_n(first, count) if count else np.zeros((0, len(vector)), np.float32)
+        return chunk_relevance([p["chunk"] for p in self.passages[first : first + count]], vectors, vector)
 
     def search(self, vector: np.ndarray, top: int = 10) -> list[Hit]:
         """The ``top`` passages nearest to one normalised query vector, best first."""

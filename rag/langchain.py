@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from extensible.errors import UserError
 
 from .library import Answer, Library, Source
+from .plan import DEFAULT_STRATEGY
 
 
 class _UsesLibrary(BaseModel):
@@ -106,7 +107,7 @@ def _cut(text: str, stop: list[str] | None) -> str:
 
 class _Answers(_UsesLibrary):
     documents: int = 2
-    strategy: str = "adaptive"
+    strategy: str = DEFAULT_STRATEGY
     max_new_tokens: int = 96
 
     def ask(self, question: str, documents: list[Document] | None, **kwargs) -> Answer:

@@ -22,7 +22,7 @@ from extensible.errors import ContextTooLongError, UserError
 from storage.store import Store, runtime_fingerprints
 
 from .index import PassageIndex, make_encoder
-from .plan import Unit, plan
+from .plan import DEFAULT_STRATEGY, Unit, plan
 
 PLACEHOLDER = "\u0000DOCUMENTS\u0000"
 
@@ -31,10 +31,23 @@ class InMemoryDocument:
     """Full-resolution outputs held in memory ([n_tokens, hidden]), read like a StoredDocument (online mode)."""
 
     def __init__(self, outputs: torch.Tensor, chunk_size: int):
-        self.outputs, self.chunk_size = outputs, chunk_size
+        self._outputs, self.chunk_size, self.n_tokens, self._encode = outputs, chunk_size, len(outputs), None
+
+    @classmethod
+    def lazy(cls, n_tokens: int, chunk_size: int, encode) -> InMemoryDocument:
+        """A document whose outputs ``encode()`` computes on the first read (never, when only raw chunks are read)."""
+        document = cls(torch.zeros(n_tokens, 0), chunk_size)
+        document._outputs, document._encode = None, encode
+        return document
+
+    @property
+    def outputs(self) -> torch.Tensor:
+        if self._outputs is None:
+            self._outputs = self._encode()
+        return self._outputs
 
     def __len__(self) -> int:
-        return len(self.outputs)
+        return self.n_tokens
 
     @property
     def num_chunks(self) -> int:
@@ -62,6 +75,33 @@ def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
     return encode(before), encode(after)
 
 
+class Prompt:
+    """The fixed parts of a query around its documents: template, one header per document, separators.
+
+    ``budget`` is what they leave of the window for the documents' slots once ``answer_tokens`` are reserved."""
+
+    def __init__(self, lm, question: str, names: list[str] | None, documents: int, answer_tokens: int):
+        tokenizer = lm.tokenizer
+        if not question.strip():
+            raise UserError("the question is empty")
+        self.before, self.after = prompt_parts(tokenizer, question)
+        self.headers = [tokenizer(f"Document {n + 1} ({name}):\n", add_special_tokens=False)["input_ids"]
+                        for n, name in enumerate(names)] if names else [[] for _ in range(documents)]
+        self.separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        fixed = len(self.before) + len(self.after) + sum(len(h) + len(self.separator) for h in self.headers)
+        if len(self.before) + len(self.after) + answer_tokens > lm.window:
+            raise ContextTooLongError(f"the question ({len(self.before) + len(self.after)} tokens with the template) "
+                                      f"and the answer ({answer_tokens}) do not fit the window of {lm.window}")
+        self.budget = lm.window - fixed - answer_tokens
+
+    def segments(self, bodies: list[list]) -> list:
+        """[template start] + per document: header, its segments, separator + [question, template end]."""
+        segments = [torch.tensor(self.before)]
+        for header, body in zip(self.headers, bodies):
+            segments += [torch.tensor(header, dtype=torch.long), *body, torch.tensor(self.separator)]
+        return segments + [torch.tensor(self.after)]
+
+
 @dataclass
 class Source:
     doc_id: str
@@ -72,6 +112,8 @@ class Source:
     chunks_total: int = 0
     k_min: int = 0
     k_max: int = 0
+    raw_chunks: list[int] = field(default_factory=list)  # chunks read as plain tokens
+    chunk_ks: dict[int, int] = field(default_factory=dict)  # every chunk read -> its k (1 = raw)
 
 
 @dataclass
@@ -88,46 +130,52 @@ class Answer:
         return asdict(self)
 
 
-def compose_and_answer(lm, question: str, documents: list, relevance: list[dict[int, float]], names: list[str] | None,
-                       strategy: str = "adaptive", max_new_tokens: int = 96, max_k: int = 32, min_k: int = 1,
-                       token_ids: list | None = None, **generate_kwargs) -> tuple[str, list[tuple[int, int, int, int]], int, int]:
-    """Plans k, reads the rows, composes the input and generates.
+@dataclass
+class Query:
+    """A composed LLM input and, per document, what it reads: chunk -> k (1 = plain tokens)."""
 
-    ``documents`` are StoredDocument or InMemoryDocument; ``names`` head each document (None: no headers); with
-    ``token_ids`` (per document), a chunk planned at k=1 is read as its plain tokens, which cost the same positions
-    and which the LLM reads natively. Returns (answer, per document (chunks read, chunks, k_min, k_max), input
-    positions, new tokens)."""
-    tokenizer = lm.tokenizer
-    before, after = prompt_parts(tokenizer, question)
-    headers = [tokenizer(f"Document {n + 1} ({name}):\n", add_special_tokens=False)["input_ids"] if names else []
-               for n, name in enumerate(names or documents)]
-    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    raw = len(before) + len(after) + sum(len(h) + len(separator) for h in headers)
-    if len(before) + len(after) + max_new_tokens > lm.window:
-        raise ContextTooLongError(f"the question ({len(before) + len(after)} tokens with the template) and the "
-                                  f"answer ({max_new_tokens}) do not fit the window of {lm.window}")
+    embeds: torch.Tensor  # [1, positions, hidden]
+    chunk_ks: list[dict[int, int]]
+    chunks_total: list[int]
+
+    @property
+    def positions(self) -> int:
+        return self.embeds.shape[1]
+
+    def describe(self, d: int, source: Source) -> None:
+        """Fills ``source`` with what this query read of document ``d``."""
+        ks = self.chunk_ks[d]
+        source.chunks_read, source.chunks_total = len(ks), self.chunks_total[d]
+        source.k_min, source.k_max = (min(ks.values()), max(ks.values())) if ks else (0, 0)
+        source.raw_chunks, source.chunk_ks = [c for c, k in ks.items() if k == 1], dict(ks)
+
+
+def build_query(lm, question: str, documents: list, relevance: list[dict[int, float]], names: list[str] | None,
+                token_ids: list, strategy: str = DEFAULT_STRATEGY, answer_tokens: int = 96, max_k: int = 64,
+                min_k: int = 1) -> Query:
+    """The library's one query path: plan which chunks are read at which k, read those rows, compose the input.
+
+    ``documents`` are StoredDocument or InMemoryDocument, ``token_ids`` their tokens (a chunk planned at k=1 is read
+    as its plain tokens, which the LLM reads natively), ``relevance`` per document chunk -> retrieval score, ``names``
+    head each document (None: no headers). ``answer_tokens`` positions are left free for the answer."""
+    prompt = Prompt(lm, question, names, len(documents), answer_tokens)
     units = [Unit(d, c, doc.chunk_length(c), relevance[d].get(c, float("-inf")))
              for d, doc in enumerate(documents) for c in range(doc.num_chunks)]
-    chosen = plan(units, len(documents), lm.window - raw - max_new_tokens, strategy, max_k=min(max_k, lm.chunk_size),
-                  min_k=min_k)
-    segments, stats = [torch.tensor(before)], []
+    chosen = plan(units, len(documents), prompt.budget, strategy, max_k=min(max_k, lm.chunk_size), min_k=min_k)
+    bodies = []
     for d, doc in enumerate(documents):
-        ks = chosen.ks[d]
-        ids = token_ids[d] if token_ids else None
-        raw_chunks = {c for c, k in ks.items() if k == 1 and ids is not None}
-        rows = doc.downscaled_chunks({c: min(k, doc.chunk_length(c)) for c, k in ks.items() if c not in raw_chunks},
+        ks, size = chosen.ks[d], doc.chunk_size
+        rows = doc.downscaled_chunks({c: min(k, doc.chunk_length(c)) for c, k in ks.items() if k > 1},
                                      lm.method, lm.seed)
-        size = doc.chunk_size
-        parts = [torch.as_tensor(ids[c * size : (c + 1) * size]) if c in raw_chunks else torch.as_tensor(rows[c])
-                 for c in ks]
-        segments += [torch.tensor(headers[d]), *parts, torch.tensor(separator)]
-        span = chosen.k_range(d) or (0, 0)
-        stats.append((len(ks), doc.num_chunks, *span))
-    segments.append(torch.tensor(after))
-    embeds = lm.compose(segments)
+        bodies.append([torch.as_tensor(token_ids[d][c * size : (c + 1) * size]) if k == 1 else torch.as_tensor(rows[c])
+                       for c, k in ks.items()])
+    return Query(lm.compose(prompt.segments(bodies)), chosen.ks, [doc.num_chunks for doc in documents])
+
+
+def generate_answer(lm, embeds: torch.Tensor, max_new_tokens: int, **generate_kwargs) -> tuple[str, int]:
+    """Greedy (by default) answer to a composed input: (text, new tokens)."""
     new = lm.generate_embeds(embeds, max_new_tokens, **generate_kwargs)
-    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return answer, stats, embeds.shape[1], len(new)
+    return lm.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
 class Library:
@@ -192,9 +240,10 @@ class Library:
                                     "score": hit.score, "text": text[hit.char_start : hit.char_end]})
         return sorted(by_doc.values(), key=lambda s: s.score, reverse=True)[:documents]
 
-    def answer(self, question: str, documents: int = 2, strategy: str = "adaptive", max_new_tokens: int = 96,
-               sources: list[Source] | None = None, max_k: int = 32, **generate_kwargs) -> Answer:
-        """Answers from the extensible embeddings of the retrieved documents (or of ``sources`` when given)."""
+    def answer(self, question: str, documents: int = 2, strategy: str = DEFAULT_STRATEGY, max_new_tokens: int = 96,
+               sources: list[Source] | None = None, max_k: int = 64, **generate_kwargs) -> Answer:
+        """Answers from the retrieved documents (or ``sources`` when given) as the planner reads them: by default
+        (``hybrid``) the passages nearest to the question as plain tokens, the rest of the documents compressed."""
         start = time.perf_counter()
         sources = sources if sources is not None else self.search(question, documents)
         if not sources:
@@ -202,17 +251,14 @@ class Library:
         lm = self.lm
         ordered = sources[::-1]  # the most relevant document nearest to the question
         stored = [self.store.document(s.doc_id) for s in ordered]
-        relevance = [{} for _ in ordered]
-        for d, source in enumerate(ordered):
-            for passage in source.passages:
-                chunk = passage["chunk"]
-                relevance[d][chunk] = max(relevance[d].get(chunk, float("-inf")), passage["score"])
+        vector = self.encoder.encode([question])[0]
+        relevance = [self.index.chunk_scores(vector, s.doc_id) for s in ordered]
         names = [Path(s.source).name for s in ordered]
         token_ids = [lm.tokenizer(self.store.text(doc.row), add_special_tokens=False)["input_ids"] for doc in stored]
         if any(len(ids) != len(doc) for ids, doc in zip(token_ids, stored)):
             raise UserError(f"{self.store.path} was tokenised by another tokenizer")
-        text, stats, positions, new = compose_and_answer(lm, question, stored, relevance, names, strategy,
-                                                         max_new_tokens, max_k, token_ids=token_ids, **generate_kwargs)
-        for source, (read, total, k_min, k_max) in zip(ordered, stats):
-            source.chunks_read, source.chunks_total, source.k_min, source.k_max = read, total, k_min, k_max
-        return Answer(question, text, sources, strategy, positions, new, time.perf_counter() - start)
+        query = build_query(lm, question, stored, relevance, names, token_ids, strategy, max_new_tokens, max_k)
+        text, new = generate_answer(lm, query.embeds, max_new_tokens, **generate_kwargs)
+        for d, source in enumerate(ordered):
+            query.describe(d, source)
+        return Answer(question, text, sources, strategy, query.positions, new, time.perf_counter() - start)

@@ -1,13 +1,18 @@
 """Query-time sampling: which chunks of the chosen documents the LLM reads, and at which k, within a slot budget.
 
-Every chunk is a unit that costs ``ceil(length / k)`` slots at factor k. Two strategies:
+Every chunk is a unit that costs ``ceil(length / k)`` slots at factor k; k = 1 reads the chunk as its plain tokens.
+Strategies:
 
+* ``hybrid`` (the default): exactly the chunks ``rag`` reads, raw; then the slots they leave hold the other chunks
+  compressed at ``max_k``, the most relevant first. The raw passages are never given up for compressed context, so
+  the LLM always reads at least what plain passage RAG reads.
+* ``rag``: the baseline -- the most relevant chunks as plain tokens while they fit, nothing compressed.
+* ``graded``: every chunk starts at ``max_k``; then, in order of relevance, each chunk is refined as far as the
+  budget allows (raw if it fits, else the finest k that fits) before the next one is touched.
 * ``adaptive`` (the paper's rule): one k for everything, the smallest that fits the budget.
-* ``graded``: every chunk starts at ``max_k``; then, round after round, the chunks in order of relevance (the
-  retrieval score, then recency) each halve their k while the whole still fits, so the passages that matter are read
-  finely and the rest coarsely.
 
-When even ``max_k`` does not fit, the least relevant chunks are left out (the earliest first among equals).
+Relevance is the retrieval score; among equals (chunks without a hit) the later chunk first. When even ``max_k`` does
+not fit, ``graded`` and ``adaptive`` leave out the least relevant chunks. Chosen chunks are read in document order.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass, field
 from extensible.downscale import num_kept
 from extensible.errors import ContextTooLongError, UserError
 
-STRATEGIES = ("adaptive", "graded")
+STRATEGIES = ("hybrid", "rag", "graded", "adaptive")
+DEFAULT_STRATEGY = "hybrid"
 
 
 @dataclass
@@ -40,6 +46,9 @@ class Plan:
         ks = self.ks[document].values()
         return (min(ks), max(ks)) if ks else None
 
+    def raw_chunks(self, document: int) -> list[int]:
+        return [chunk for chunk, k in self.ks[document].items() if k == 1]
+
 
 def _cost(units: list[Unit], k: int) -> int:
     return sum(num_kept(u.length, k) for u in units)
@@ -50,20 +59,37 @@ def _by_relevance(units: list[Unit]) -> list[Unit]:
     return sorted(units, key=lambda u: (u.relevance, u.document, u.chunk), reverse=True)
 
 
-def _fit_at_max(units: list[Unit], budget: int, max_k: int) -> list[Unit]:
-    """The most relevant units that fit the budget at ``max_k``."""
-    kept, used = [], 0
+def _fill(units: list[Unit], budget: int, k: int) -> tuple[dict[tuple[int, int], int], int]:
+    """The most relevant units that fit ``budget`` at factor ``k`` (a unit too large is skipped, not the rest)."""
+    chosen, used = {}, 0
     for unit in _by_relevance(units):
-        cost = num_kept(unit.length, max_k)
+        cost = num_kept(unit.length, k)
         if used + cost <= budget:
-            kept.append(unit)
+            chosen[(unit.document, unit.chunk)] = k
             used += cost
-    if not kept:
-        raise ContextTooLongError(f"no chunk fits: {budget} slots left in the window; raise --window or shorten the question")
-    return kept
+    return chosen, used
 
 
-def plan(units: list[Unit], documents: int, budget: int, strategy: str = "adaptive", max_k: int = 32,
+def _hybrid(units: list[Unit], budget: int, max_k: int, compress: bool) -> dict[tuple[int, int], int]:
+    chosen, used = _fill(units, budget, 1)
+    if compress:
+        rest = [u for u in units if (u.document, u.chunk) not in chosen]
+        chosen.update(_fill(rest, budget - used, max_k)[0])
+    return chosen
+
+
+def _graded(units: list[Unit], budget: int, max_k: int, min_k: int) -> dict[tuple[int, int], int]:
+    chosen, used = _fill(units, budget, max_k)
+    levels = [k for k in range(min_k, max_k)]  # finest first
+    for unit in _by_relevance([u for u in units if (u.document, u.chunk) in chosen]):
+        key, now = (unit.document, unit.chunk), num_kept(unit.length, max_k)
+        finer = next((k for k in levels if used + num_kept(unit.length, k) - now <= budget), None)
+        if finer is not None:
+            chosen[key], used = finer, used + num_kept(unit.length, finer) - now
+    return chosen
+
+
+def plan(units: list[Unit], documents: int, budget: int, strategy: str = DEFAULT_STRATEGY, max_k: int = 64,
          min_k: int = 1) -> Plan:
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -72,24 +98,19 @@ def plan(units: list[Unit], documents: int, budget: int, strategy: str = "adapti
     if budget < 1:
         raise ContextTooLongError(f"the question and the answer fill the window ({budget} slots left); "
                                   "raise --window or shorten the question")
-    result = Plan([{} for _ in range(documents)])
-    kept = units if _cost(units, max_k) <= budget else _fit_at_max(units, budget, max_k)
-    if strategy == "adaptive":
+    if strategy in ("hybrid", "rag"):
+        chosen = _hybrid(units, budget, max_k, compress=strategy == "hybrid")
+    elif strategy == "graded":
+        chosen = _graded(units, budget, max_k, min_k)
+    else:
+        kept = units if _cost(units, max_k) <= budget else [u for u in units if (u.document, u.chunk) in
+                                                              _fill(units, budget, max_k)[0]]
         k = next(k for k in range(min_k, max_k + 1) if _cost(kept, k) <= budget or k == max_k)
         chosen = {(u.document, u.chunk): k for u in kept}
-    else:
-        chosen = {(u.document, u.chunk): max_k for u in kept}
-        used = _cost(kept, max_k)
-        order = _by_relevance(kept)
-        changed = True
-        while changed:  # one level finer per round, most relevant first
-            changed = False
-            for unit in order:
-                key = (unit.document, unit.chunk)
-                finer = max(min_k, chosen[key] // 2)
-                extra = num_kept(unit.length, finer) - num_kept(unit.length, chosen[key])
-                if finer < chosen[key] and used + extra <= budget:
-                    chosen[key], used, changed = finer, used + extra, True
+    if units and not chosen:
+        raise ContextTooLongError(f"no chunk fits: {budget} slots left in the window; raise --window or shorten "
+                                  "the question")
+    result = Plan([{} for _ in range(documents)])
     for (document, chunk), k in sorted(chosen.items()):
         result.ks[document][chunk] = k
     return result

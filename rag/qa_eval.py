@@ -1,17 +1,24 @@
-"""QA evaluation on L-Eval-format files (one JSON object per document: ``input``, ``instructions``, ``outputs``).
+"""QA evaluation on L-Eval-format files (one JSON object per document: ``input``, ``instructions``, ``outputs`` and,
+optionally, ``answers``: every reference of each question).
 
-Methods, the same questions for each:
+Methods, the same questions for each; every input is built by the library's own query path (``Prompt`` and
+``build_query``: one planner, one composer), in the model's chat template, with ``max_new_tokens`` left for the answer:
 
-* ``window``: the document truncated in the middle (its head and its end kept, LongBench's rule) so that the
-  prompt and the answer fit the window;
-* ``ext:adaptive`` / ``ext:graded``: the whole document as extensible embeddings at the smallest k that fits (or
-  graded), as ``extemb ask`` reads a stored document; chunks that do not fit at k=32 are left out, the earliest first;
-* ``ext:K``: the runtime's layout at a fixed k, as ``extemb generate`` reads a file: the oldest chunks compressed, the
-  most recent document tokens raw before the question (the beginning is dropped beyond the layout's capacity);
-* a document that fits the window as plain tokens is read raw by every ``ext`` method;
-* ``full``: the whole document as tokens, only when it fits the model's positions (rows count what was answered).
+* ``window``: the document truncated in the middle (its head and its end kept, LongBench's rule) to fit the window;
+* ``full``: the whole document as tokens, only when it fits the model's positions (rows count what was answered);
+* ``rag``: the baseline -- the document's chunks ranked against the question by the retriever (MiniLM), the best as
+  plain tokens, in document order, while they fit;
+* ``hybrid``: what the library's default planner reads: rag's passages raw, the rest of the document compressed in
+  the slots they leave;
+* ``ext:adaptive`` / ``ext:graded``: the planner's other strategies on the whole document;
+* ``ext:K``: the runtime's layout at a fixed k (oldest chunks compressed, most recent document tokens raw), as
+  ``extemb generate`` reads a file.
 
-Metrics (SQuAD-style normalisation): token F1, exact match, ROUGE-L (F-measure of the longest common subsequence).
+Metrics: ``answer_nll`` = mean per-token NLL of the first reference answer (its first ``max_new_tokens`` tokens),
+teacher-forced right after the method's input -- the input generation uses; token F1, exact match (SQuAD
+normalisation) and ROUGE-L (rouge-score) of the greedy answer, each the maximum over the references. With
+``generate=False`` only ``answer_nll`` is computed. A question whose prompt does not fit the window is skipped and
+counted (``skipped`` in its row).
 """
 
 from __future__ import annotations
@@ -20,18 +27,21 @@ import json
 import re
 import string
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from extensible.errors import ContextTooLongError, UserError
-from extensible.evaluate import parse_methods
+from extensible.evaluate import bootstrap_interval, parse_methods
 
-from .library import InMemoryDocument, compose_and_answer, prompt_parts
+from .index import chunk_relevance, make_encoder
+from .library import InMemoryDocument, Prompt, build_query, generate_answer
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
+PLANNED = {"rag": "rag", "hybrid": "hybrid", "ext:adaptive": "adaptive", "ext:graded": "graded"}
 
 
 def normalise_answer(text: str) -> list[str]:
@@ -54,24 +64,26 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalise_answer(prediction) == normalise_answer(reference))
 
 
+_ROUGE = None
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    pred, ref = normalise_answer(prediction), normalise_answer(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    previous = [0] * (len(ref) + 1)
-    for p in pred:  # longest common subsequence, one row at a time
-        current = [0]
-        for j, r in enumerate(ref):
-            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"])
+    return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
+
+
+def _strings(value, what: str, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: {what} must be a list of strings")
+    return value
 
 
 def read_leval(path: str | Path) -> list[dict]:
+    """Records with ``input``, ``instructions`` and ``references`` (per question: every reference answer)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such file: {path}")
@@ -79,18 +91,47 @@ def read_leval(path: str | Path) -> list[dict]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
-        record = json.loads(line)
-        missing = {"input", "instructions", "outputs"} - set(record)
-        if missing:
-            raise UserError(f"{path}:{number + 1} lacks {', '.join(sorted(missing))} (not an L-Eval file)")
-        records.append(record)
+        where = f"{path}:{number + 1}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where} is not JSON ({err.msg}); eval-qa reads L-Eval .jsonl files") from None
+        if not isinstance(record, dict) or {"input", "instructions", "outputs"} - set(record):
+            raise UserError(f"{where} lacks input, instructions or outputs (not an L-Eval file)")
+        if not isinstance(record["input"], str) or not record["input"].strip():
+            raise UserError(f"{where}: input must be a non-empty string")
+        questions = _strings(record["instructions"], "instructions", where)
+        outputs = _strings(record["outputs"], "outputs", where)
+        answers = record.get("answers", [[o] for o in outputs])
+        if not isinstance(answers, list) or len(answers) != len(questions) or len(outputs) != len(questions):
+            raise UserError(f"{where}: {len(questions)} instructions but {len(outputs)} outputs / "
+                            f"{len(answers) if isinstance(answers, list) else 'no'} answers")
+        references = [_strings(a, "answers", where) for a in answers]
+        if any(not refs or not all(r.strip() for r in refs) for refs in references):
+            raise UserError(f"{where}: a question has an empty reference answer")
+        records.append({"input": record["input"], "instructions": questions, "references": references})
     if not records:
         raise UserError(f"{path} holds no records")
     return records
 
 
 def parse_qa_methods(text: str) -> list[str]:
-    return parse_methods(text, base=("window", "full"), named_ext=("adaptive", "graded"))
+    return parse_methods(text, base=("window", "full", "rag", "hybrid"), named_ext=("adaptive", "graded"))
+
+
+def spread_questions(counts: list[int], limit: int | None) -> list[tuple[int, int]]:
+    """(document, question) pairs: ``limit`` questions shared as evenly as possible over the documents (``counts``
+    questions each), and within a document spread evenly over its questions -- they often come in text order, so
+    the first N would all sit in its first paragraphs. Sorted by document, so each is encoded once."""
+    total = sum(counts)
+    limit = total if limit is None else min(limit, total)
+    quota = [0] * len(counts)
+    while sum(quota) < limit:  # round-robin: each document with questions left takes one more
+        for d, count in enumerate(counts):
+            if quota[d] < count and sum(quota) < limit:
+                quota[d] += 1
+    return [(d, int(j)) for d, q in enumerate(quota) if q
+            for j in np.unique(np.linspace(0, counts[d] - 1, q).round().astype(int))]
 
 
 def truncate_middle(ids: list[int], keep: int) -> list[int]:
@@ -100,96 +141,205 @@ def truncate_middle(ids: list[int], keep: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (keep - head) :]
 
 
+class EvalDocument:
+    """One document of a QA file: its tokens and chunk spans, and, made on first use, its full-resolution outputs
+    (offline mode: encoded once for all its questions), its passage vectors and its full-attention prefix cache."""
+
+    def __init__(self, lm, encoder, text: str):
+        self.lm, self.encoder, self.text = lm, encoder, text
+        encoding = lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        self.ids = encoding["input_ids"]
+        starts = [start for start, _ in encoding["offset_mapping"]]
+        self.char_offsets = starts[:: lm.chunk_size] + [len(text)]  # as the store records a document's chunks
+        self.stored = InMemoryDocument.lazy(len(self.ids), lm.chunk_size, lambda: lm.encode(torch.tensor(self.ids)))
+        self._passages = None
+        self.prefix = None  # (cache, prompt) of the full-attention input up to the question
+
+    def relevance(self, question: str) -> dict[int, float]:
+        if self._passages is None:
+            chunks, spans = self.encoder.passages(self.text, self.char_offsets)
+            self._passages = chunks, self.encoder.encode([self.text[a:b] for a, b in spans])
+        return chunk_relevance(*self._passages, self.encoder.encode([question])[0])
+
+
 class QAEvaluation:
     def __init__(self, lm, max_new_tokens: int = 64):
         self.lm, self.max_new_tokens = lm, max_new_tokens
-        self._outputs: dict[tuple, InMemoryDocument] = {}  # the last document encoded, by (file, index)
+        self.encoder = make_encoder("minilm")  # the library's default retriever
 
-    def _raw_answer(self, parts: tuple[list[int], list[int], list[int]], doc_ids: list[int], keep: int) -> str:
-        before, separator, after = parts
-        ids = before + truncate_middle(doc_ids, keep) + separator + after
-        new = self.lm.generate_embeds(self.lm.compose([torch.tensor(ids)]), self.max_new_tokens)
-        return self.lm.tokenizer.decode(new, skip_special_tokens=True).strip()
-
-    def answer(self, method: str, key, document: str, question: str) -> str | None:
-        """The prediction of ``method``, or None for ``full`` when the document does not fit the model's positions."""
+    def query(self, method: str, doc: EvalDocument, question: str):
+        """(embeds, what was read) of ``method``'s input, or None for ``full`` when the document does not fit."""
         lm = self.lm
-        doc_ids = lm.tokenizer(document, add_special_tokens=False)["input_ids"]
-        before, after = prompt_parts(lm.tokenizer, question)
-        separator = lm.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-        parts = (before, separator, after)
-        room = lm.window - len(before) - len(separator) - len(after) - self.max_new_tokens
-        if room < 1:
-            raise ContextTooLongError(f"the question does not fit the window of {lm.window}")
-        if method == "window" or (method.startswith("ext:") and len(doc_ids) <= room):
-            return self._raw_answer(parts, doc_ids, room)
+        if method == "window":
+            prompt = Prompt(lm, question, None, 1, self.max_new_tokens)
+            return lm.compose(prompt.segments([[torch.tensor(truncate_middle(doc.ids, prompt.budget))]])), {}
+        if method in PLANNED:
+            query = build_query(lm, question, [doc.stored], [doc.relevance(question)], None, [doc.ids],
+                                PLANNED[method], self.max_new_tokens)
+            return query.embeds, {"chunk_ks": query.chunk_ks[0]}
+        raise UserError(f"method {method!r} has no composed input")
+
+    def _fits_positions(self, doc: EvalDocument, question: str) -> Prompt | None:
+        positions = self.lm.llm.config.max_position_embeddings
+        prompt = Prompt(self.lm, question, None, 1, self.max_new_tokens)
+        return prompt if len(doc.ids) <= prompt.budget + positions - self.lm.window else None
+
+    def answer_nll(self, method: str, doc: EvalDocument, question: str, reference: list[int]) -> tuple[float, dict] | None:
+        lm = self.lm
         if method == "full":
-            positions = lm.llm.config.max_position_embeddings
-            if len(doc_ids) > room + positions - lm.window:
+            prompt = self._fits_positions(doc, question)
+            if prompt is None:
                 return None
-            window, lm.window = lm.window, positions
+            if doc.prefix is None or doc.prefix[1] != (prompt.before, prompt.separator):  # one cache per document
+                doc.prefix = (lm.prefix_cache(lm.compose(prompt.segments([[torch.tensor(doc.ids)]])[:-1])),
+                              (prompt.before, prompt.separator))
+            return lm.score_continuation(lm.compose([torch.tensor(prompt.after)]), reference, doc.prefix[0]).mean_nll, {}
+        if method.startswith("ext:") and method not in PLANNED:  # the runtime's layout at a fixed k
+            ids, k = self._layout_ids(doc, question, int(method[4:]))
+            return lm.score(ids + reference, len(reference), k).mean_nll, {}
+        embeds, read = self.query(method, doc, question)
+        return lm.score_continuation(embeds, reference).mean_nll, read
+
+    def _layout_ids(self, doc: EvalDocument, question: str, k: int) -> tuple[list[int], int]:
+        prompt = Prompt(self.lm, question, None, 1, self.max_new_tokens)
+        keep = self.lm.layout(k).capacity() - (self.lm.window - prompt.budget)
+        return prompt.before + doc.ids[max(0, len(doc.ids) - keep) :] + prompt.separator + prompt.after, k
+
+    def generate(self, method: str, doc: EvalDocument, question: str) -> str | None:
+        lm = self.lm
+        if method == "full":
+            prompt = self._fits_positions(doc, question)
+            if prompt is None:
+                return None
+            window, lm.window = lm.window, lm.llm.config.max_position_embeddings
             try:
-                return self._raw_answer(parts, doc_ids, len(doc_ids))
+                return generate_answer(lm, lm.compose(prompt.segments([[torch.tensor(doc.ids)]])), self.max_new_tokens)[0]
             finally:
                 lm.window = window
-        if method not in ("ext:adaptive", "ext:graded"):  # ext:K: the runtime's layout, recent tokens kept raw
-            k = int(method[4:])
-            keep = lm.layout(k).capacity() - (lm.window - room)  # what the template, question and answer leave
-            ids = before + doc_ids[max(0, len(doc_ids) - keep) :] + separator + after
-            new = lm.generate(torch.tensor(ids), k, max_new_tokens=self.max_new_tokens)
-            return lm.tokenizer.decode(new, skip_special_tokens=True).strip()
-        if key not in self._outputs:  # one encoding per document, shared by its questions (offline mode)
-            self._outputs = {key: InMemoryDocument(lm.encode(torch.tensor(doc_ids)), lm.chunk_size)}
-        text, *_ = compose_and_answer(lm, question, [self._outputs[key]], [{}], None, method[4:], self.max_new_tokens,
-                                      max_k=32, token_ids=[doc_ids])
-        return text
+        if method.startswith("ext:") and method not in PLANNED:
+            ids, k = self._layout_ids(doc, question, int(method[4:]))
+            return lm.tokenizer.decode(lm.generate(torch.tensor(ids), k, max_new_tokens=self.max_new_tokens),
+                                       skip_special_tokens=True).strip()
+        return generate_answer(lm, self.query(method, doc, question)[0], self.max_new_tokens)[0]
 
 
 def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = None, max_new_tokens: int = 64,
-                progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Rows {method, task, n, f1, em, rougeL, seconds} per task and method (plus an ``all`` average of the tasks per
-    method), and every prediction. ``limit`` questions per file, spread over its documents."""
+                generate: bool = True, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Rows {method, task, n, f1, em, rougeL, answer_nll, seconds, skipped} per file and method (plus a ``task: all``
+    row per method: the average over files), and one record per question and method."""
     evaluation = QAEvaluation(lm, max_new_tokens)
-    rows, predictions = [], []
+    records_out = []
     for file in files:
         task = Path(file).stem
         records = read_leval(file)
-        # Round-robin over documents (every document's first question, then every second one, ...), so that a
-        # --limit spreads over documents instead of taking one document's questions.
-        questions = sorted(((j, d, record["input"], q, a) for d, record in enumerate(records)
-                            for j, (q, a) in enumerate(zip(record["instructions"], record["outputs"]))),
-                           key=lambda item: (item[0], item[1]))
-        questions = sorted((item[1:] for item in questions[:limit]), key=lambda item: item[0])  # one encoding per doc
-        for method in methods:
-            scores, start = [], time.perf_counter()
-            for d, document, question, reference in tqdm(questions, desc=f"{task} {method}", disable=not progress):
-                prediction = evaluation.answer(method, (file, d), document, question)
-                if prediction is None:
+        chosen = spread_questions([len(r["instructions"]) for r in records], limit)
+        doc, doc_index = None, None
+        for d, j in tqdm(chosen, desc=task, disable=not progress):
+            if d != doc_index:  # questions come sorted by document: one encoding and one cache per document
+                doc, doc_index = EvalDocument(lm, evaluation.encoder, records[d]["input"]), d
+            question, references = records[d]["instructions"][j], records[d]["references"][j]
+            reference = lm.tokenizer(references[0], add_special_tokens=False)["input_ids"][:max_new_tokens]
+            for method in methods:
+                record = {"task": task, "document": d, "question_index": j, "method": method, "question": question,
+                          "reference": references[0]}
+                start = time.perf_counter()
+                try:
+                    scored = evaluation.answer_nll(method, doc, question, reference)
+                except ContextTooLongError as err:
+                    records_out.append({**record, "skipped": str(err)})
                     continue
-                scores.append((token_f1(prediction, reference), exact_match(prediction, reference),
-                               rouge_l(prediction, reference)))
-                predictions.append({"task": task, "method": method, "question": question, "reference": reference,
-                                    "prediction": prediction})
-            n = len(scores)
-            rows.append({"method": method, "task": task, "n": n,
-                         "f1": 100 * sum(s[0] for s in scores) / n if n else float("nan"),
-                         "em": 100 * sum(s[1] for s in scores) / n if n else float("nan"),
-                         "rougeL": 100 * sum(s[2] for s in scores) / n if n else float("nan"),
-                         "seconds": (time.perf_counter() - start) / n if n else 0.0})
+                if scored is None:
+                    continue  # full: the document does not fit the model's positions
+                record.update(answer_nll=scored[0], **scored[1])
+                if generate:
+                    prediction = evaluation.generate(method, doc, question)
+                    record.update(prediction=prediction,
+                                  **{name: 100 * max(metric(prediction, r) for r in references)
+                                     for name, metric in (("f1", token_f1), ("em", exact_match), ("rougeL", rouge_l))})
+                record["seconds"] = time.perf_counter() - start
+                records_out.append(record)
+    return summarise(records_out, methods, [Path(f).stem for f in files]), records_out
+
+
+def summarise(records: list[dict], methods: list[str], tasks: list[str]) -> list[dict]:
+    rows = []
     for method in methods:
-        mine = [r for r in rows if r["method"] == method and r["n"]]
+        mine = []
+        for task in tasks:
+            done = [r for r in records if r["method"] == method and r["task"] == task and "answer_nll" in r]
+            skipped = sum(1 for r in records if r["method"] == method and r["task"] == task and "skipped" in r)
+            row = {"method": method, "task": task, "n": len(done), "skipped": skipped,
+                   **{m: float(np.mean([r[m] for r in done])) if done and m in done[0] else float("nan")
+                      for m in ("f1", "em", "rougeL", "answer_nll", "seconds")}}
+            rows.append(row)
+            mine += [row] if done else []
         if mine:
             rows.append({"method": method, "task": "all", "n": sum(r["n"] for r in mine),
-                         **{m: sum(r[m] for r in mine) / len(mine) for m in ("f1", "em", "rougeL", "seconds")}})
-    return rows, predictions
+                         "skipped": sum(r["skipped"] for r in mine),
+                         **{m: float(np.mean([r[m] for r in mine])) for m in ("f1", "em", "rougeL", "answer_nll", "seconds")}})
+    return rows
 
 
-def qa_markdown(rows: list[dict]) -> str:
-    lines = ["| task | method | n | F1 | EM | ROUGE-L | s / question |", "|---|---|---:|---:|---:|---:|---:|"]
+def paired_differences(records: list[dict], method: str, anchor: str, metric: str = "answer_nll") -> dict[str, tuple]:
+    """Per task and over all tasks (the average of the per-task means): (n, mean of method - anchor, 95% low, high)
+    on the questions both answered."""
+    by_task: dict[str, list[float]] = defaultdict(list)
+    values = {(r["task"], r["document"], r["question_index"], r["method"]): r[metric] for r in records if metric in r}
+    for (task, d, j, m), value in values.items():
+        if m == method and (task, d, j, anchor) in values:
+            by_task[task].append(value - values[(task, d, j, anchor)])
+    out = {task: (len(v), float(np.mean(v)), *bootstrap_interval(np.asarray(v))) for task, v in by_task.items() if v}
+    if by_task:
+        groups = [np.asarray(v) for v in by_task.values() if v]
+        out["all"] = (sum(map(len, groups)), float(np.mean([g.mean() for g in groups])), *bootstrap_interval(groups))
+    return out
+
+
+def qa_markdown(rows: list[dict], records: list[dict]) -> str:
+    lines = ["| task | method | n | answer NLL | F1 | EM | ROUGE-L | s / question |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["task"] == "all", r["task"])):
-        lines.append(f"| {r['task']} | {r['method']} | {r['n']} | {r['f1']:.1f} | {r['em']:.1f} | {r['rougeL']:.1f} "
-                     f"| {r['seconds']:.2f} |")
+        skipped = f" ({r['skipped']} skipped)" if r["skipped"] else ""
+        lines.append(f"| {r['task']} | {r['method']} | {r['n']}{skipped} "
+                     f"| {r['answer_nll']:.3f} | {r['f1']:.1f} | {r['em']:.1f} | {r['rougeL']:.1f} | {r['seconds']:.2f} |")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for anchor in ("rag", "window", "full"):
+        if anchor not in methods:
+            continue
+        lines += ["", f"Answer NLL of each method minus `{anchor}` on the same questions (negative = better), with a 95% "
+                  "paired-bootstrap interval; `all` averages the files' means, resampling within each file:", "",
+                  "| method | task | n | difference | 95% interval |", "|---|---|---:|---:|---|"]
+        for method in methods:
+            if method == anchor:
+                continue
+            for task, (n, mean, low, high) in sorted(paired_differences(records, method, anchor).items(),
+                                                     key=lambda item: (item[0] == "all", item[0])):
+                lines.append(f"| {method} | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
     return "\n".join(lines) + "\n"
+
+
+def plot_qa(rows: list[dict], path, title: str = "") -> None:
+    """Answer NLL by task, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    value = {(r["task"], r["method"]): r["answer_nll"] for r in rows}
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(tasks) * len(methods) / 3), 4.5))
+    for i, method in enumerate(methods):
+        xs = [t + i * width for t in range(len(tasks))]
+        ax.bar(xs, [value.get((task, method), float("nan")) for task in tasks], width, label=method)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=20, ha="right")
+    ax.set_ylabel("answer NLL (nats / token, lower is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def answer_chunks(text: str, char_offsets: list[int], answer: str) -> set[int]:

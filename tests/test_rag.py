@@ -19,9 +19,10 @@ from jobs.cli import main
 from pipeline.precompute import precompute
 from rag.index import PassageIndex, build_index
 from rag.langchain import ChatExtensible, ExtensibleLLM, StoreRetriever
-from rag.library import InMemoryDocument, Library, compose_and_answer
+from rag.library import InMemoryDocument, Library, build_query, generate_answer
 from rag.plan import Unit, plan
-from rag.qa_eval import QAEvaluation, evaluate_qa, exact_match, rouge_l, token_f1
+from rag.qa_eval import (EvalDocument, QAEvaluation, evaluate_qa, exact_match, qa_markdown, read_leval, rouge_l,
+                         spread_questions, token_f1)
 from storage.store import Store
 
 from .conftest import save_tiny
@@ -87,14 +88,28 @@ def test_adaptive_plan_is_the_smallest_k_that_fits():
             assert sum(num_kept(u.length, k - 1) for u in chunks) > budget
 
 
-def test_graded_plan_reads_the_relevant_chunks_finer_and_keeps_the_budget():
+def test_graded_plan_refines_the_best_chunk_to_raw_before_the_next():
     chunks = units([16] * 12, hits={3: 0.9, 7: 0.5})
     result = plan(chunks, 1, 40, "graded", max_k=16, min_k=1)
     ks = result.ks[0]
     assert result.slots(chunks) <= 40 and len(ks) == 12
-    assert ks[3] <= ks[7] < ks[0] and ks[3] < 16
+    assert ks[3] == 1 and 1 < ks[7] < 16  # the best passage raw; the second as fine as what is left allows
+    assert all(ks[7] <= k for c, k in ks.items() if c not in (3, 7))
     adaptive = plan(chunks, 1, 40, "adaptive", max_k=16).ks[0]
     assert ks[3] < adaptive[3]  # the best passage gets more slots than a uniform k gives it
+
+
+def test_rag_plan_reads_the_most_relevant_chunks_raw_and_hybrid_adds_the_rest_compressed():
+    chunks = units([16] * 10, hits={7: 0.9, 2: 0.8, 5: 0.1})
+    rag = plan(chunks, 1, 40, "rag", max_k=16).ks[0]
+    assert rag == {2: 1, 7: 1}  # the two best fit; the third (16 more) does not; document order
+    hybrid = plan(chunks, 1, 40, "hybrid", max_k=16)
+    ks = hybrid.ks[0]
+    assert hybrid.raw_chunks(0) == [2, 7]  # exactly what rag reads raw
+    assert len(ks) == 10 and all(k == 16 for c, k in ks.items() if c not in (2, 7)) and hybrid.slots(chunks) == 40
+    tight = plan(chunks, 1, 35, "hybrid", max_k=16).ks[0]  # 3 slots left: the three most relevant of the rest
+    assert {c for c, k in tight.items() if k == 16} == {5, 9, 8}
+    assert plan(units([16] * 3), 1, 100, "hybrid").ks[0] == {0: 1, 1: 1, 2: 1}  # a document that fits is read raw
 
 
 def test_plan_leaves_out_the_least_relevant_chunks_when_even_max_k_overflows():
@@ -167,22 +182,31 @@ def test_missing_and_stale_indexes_are_refused_not_rebuilt(store_path, tiny8, tm
 
 def test_answer_reads_the_retrieved_documents_within_the_window(store_path, lm):
     library = Library(store_path, lm=lm)
-    for strategy in ("adaptive", "graded"):
+    for strategy in ("hybrid", "rag", "adaptive", "graded"):
         answer = library.answer("What flowed down the volcano?", documents=2, strategy=strategy, max_new_tokens=8)
-        assert answer.new_tokens >= 1 and isinstance(answer.answer, str)
+        assert answer.new_tokens >= 1 and isinstance(answer.answer, str) and answer.strategy == strategy
         assert answer.input_positions + 8 <= lm.window
         assert len(answer.sources) == 2 and answer.sources[0].source.endswith("volcano.txt")
         for source in answer.sources:
             assert 1 <= source.k_min <= source.k_max <= 16 and 1 <= source.chunks_read <= source.chunks_total
+            assert source.raw_chunks == [c for c, k in source.chunk_ks.items() if k == 1]
+    volcano = answer.sources[0]
+    topic_chunk = max(p["chunk"] for p in volcano.passages if "lava" in p["text"])
+    hybrid = library.answer("What flowed down the volcano?", documents=2, max_new_tokens=4)
+    assert hybrid.strategy == "hybrid" and topic_chunk in hybrid.sources[0].raw_chunks  # the hit is read raw
+    assert hybrid.sources[0].k_max > 1  # and the rest compressed
 
 
-def test_stored_and_in_memory_documents_give_the_same_answer(store_path, lm):
-    stored = Store.open(store_path).documents()[1]
-    ids = torch.tensor(lm.tokenizer(Store.open(store_path).text(stored.row), add_special_tokens=False)["input_ids"])
+def test_stored_and_in_memory_documents_give_the_same_input_and_answer(store_path, lm):
+    store = Store.open(store_path)
+    stored = store.documents()[1]
+    ids = lm.tokenizer(store.text(stored.row), add_special_tokens=False)["input_ids"]
     in_memory = InMemoryDocument(torch.from_numpy(stored.read()), 16)  # the same rows, held in memory
-    a = compose_and_answer(lm, "Which team scored?", [stored], [{}], ["doc"], max_new_tokens=6)
-    b = compose_and_answer(lm, "Which team scored?", [in_memory], [{}], ["doc"], max_new_tokens=6)
-    assert a == b and len(ids) == len(stored)
+    relevance = [{3: 0.5, 10: 0.9}]
+    a = build_query(lm, "Which team scored?", [stored], relevance, ["doc"], [ids], answer_tokens=6)
+    b = build_query(lm, "Which team scored?", [in_memory], relevance, ["doc"], [ids], answer_tokens=6)
+    assert a.chunk_ks == b.chunk_ks and a.chunk_ks[0][10] == 1 and torch.equal(a.embeds, b.embeds)
+    assert generate_answer(lm, a.embeds, 6) == generate_answer(lm, b.embeds, 6)
 
 
 def test_bad_questions_and_stores_are_refused(store_path, lm, tiny8, tmp_path):
@@ -250,22 +274,70 @@ def test_qa_metrics():
     assert rouge_l("", "x") == 0.0
 
 
-def test_eval_qa_rows_and_methods(lm, tmp_path):
-    record = {"input": document(1, "bank")[-1500:], "instructions": ["What rose?", "Who moved deposits?"],
-              "outputs": ["the interest rate", "savers"], "source": "test", "evaluation": "f1"}
-    data = tmp_path / "bank_qa.jsonl"
-    data.write_text(json.dumps(record) + "\n")
-    rows, predictions = evaluate_qa(lm, [str(data)], ["window", "ext:adaptive", "ext:8", "full"], max_new_tokens=4,
-                                    progress=False)
+def test_limit_spreads_over_documents_and_over_each_documents_questions():
+    chosen = spread_questions([200, 3, 50], 10)
+    assert len(chosen) == 10 and chosen == sorted(chosen)
+    by_doc = {d: [j for dd, j in chosen if dd == d] for d in range(3)}
+    assert [len(v) for v in by_doc.values()] == [4, 3, 3]
+    assert by_doc[0][0] == 0 and by_doc[0][-1] == 199 and by_doc[2][-1] == 49  # not the first questions only
+    assert len(spread_questions([2, 2], None)) == 4 and len(spread_questions([2, 2], 100)) == 4
+
+
+def qa_file(tmp_path, records, name="bank_qa.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_eval_qa_reads_answers_and_refuses_bad_files(tmp_path):
+    good = {"input": "text", "instructions": ["q1", "q2"], "outputs": ["a", "b"], "answers": [["a", "A"], ["b"]]}
+    assert read_leval(qa_file(tmp_path, [good]))[0]["references"] == [["a", "A"], ["b"]]
+    without = {k: v for k, v in good.items() if k != "answers"}  # no answers: the outputs are the references
+    assert read_leval(qa_file(tmp_path, [without]))[0]["references"] == [["a"], ["b"]]
+    bad = {"not JSON": "{oops", "must be a list of strings": {**good, "instructions": "q1"},
+           "empty reference": {**good, "answers": [["a"], [" "]]}, "2 instructions but 2 outputs / 1 answers":
+           {**good, "answers": [["a"]]}, "lacks input": {"instructions": [], "outputs": []}}
+    for message, record in bad.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(record if isinstance(record, str) else json.dumps(record))
+        with pytest.raises(UserError, match=message):
+            read_leval(path)
+    assert main(["eval-qa", "--data", str(tmp_path / "bad.jsonl"), "--methods", "window"]) == 2
+
+
+def test_eval_qa_methods_agree_when_the_document_fits_and_hybrid_reads_rags_passages(lm, tiny8, tmp_path):
+    short = {"input": TOPICS["bank"] + " " + TOPICS["football"], "instructions": ["What rose?", "Who cheered?"],
+             "outputs": ["the interest rate", "the fans"]}
+    long = {"input": document(1, "bank") + document(2, "volcano"), "instructions": ["What flowed?", "What rose?"],
+            "outputs": ["lava", "rates"], "answers": [["lava", "red lava"], ["rates"]]}
+    data = qa_file(tmp_path, [short, long])
+    rows, records = evaluate_qa(lm, [data], ["window", "full", "rag", "hybrid", "ext:adaptive"], max_new_tokens=4,
+                                progress=False)
     by = {(r["task"], r["method"]): r for r in rows}
-    assert by[("bank_qa", "window")]["n"] == 2 and by[("bank_qa", "ext:adaptive")]["n"] == 2
-    assert by[("bank_qa", "full")]["n"] == 2  # 2K positions hold this document
-    assert {r["method"] for r in rows if r["task"] == "all"} == {"window", "ext:adaptive", "ext:8", "full"}
-    assert all(0 <= r["f1"] <= 100 for r in rows) and len(predictions) == 8
+    assert all(by[("bank_qa", m)]["n"] == 4 for m in ("window", "rag", "hybrid"))
+    assert by[("bank_qa", "full")]["n"] == 2  # the long document does not fit the tiny model's 2,048 positions
+    assert {r["method"] for r in rows if r["task"] == "all"} == {"window", "full", "rag", "hybrid", "ext:adaptive"}
+    nll = {(r["document"], r["question_index"], r["method"]): r["answer_nll"] for r in records}
+    for j in range(2):  # the short document fits: every method reads it whole, in order (full from a cached prefix)
+        assert max(abs(nll[(0, j, m)] - nll[(0, j, "window")]) for m in ("full", "rag", "hybrid")) < 1e-3
+    long_records = {r["method"]: r for r in records if r["document"] == 1 and r["question_index"] == 0}
+    rag_ks, hybrid_ks = long_records["rag"]["chunk_ks"], long_records["hybrid"]["chunk_ks"]
+    assert set(rag_ks.values()) == {1} and {c for c, k in hybrid_ks.items() if k == 1} == set(rag_ks)
+    assert len(hybrid_ks) > len(rag_ks)  # the rest of the document compressed
+    assert all(0 <= r["f1"] <= 100 and r["answer_nll"] > 0 for r in records if "f1" in r)
+    assert long_records["rag"]["f1"] >= 0 and "prediction" in long_records["hybrid"]
+    report = qa_markdown(rows, records)
+    assert "| hybrid | bank_qa | 4 |" in report and "minus `rag`" in report and "minus `window`" in report
+
+    fast, _ = evaluate_qa(lm, [data], ["rag"], limit=1, max_new_tokens=4, generate=False, progress=False)
+    assert fast[0]["n"] == 1 and np.isnan(fast[0]["f1"]) and fast[0]["answer_nll"] > 0
     evaluation = QAEvaluation(lm, max_new_tokens=4)
     lm.llm.config.max_position_embeddings, positions = 300, lm.llm.config.max_position_embeddings
-    try:
-        assert evaluation.answer("full", "k", record["input"], "What rose?") is None  # does not fit 300 positions
+    try:  # a document that does not fit the model's positions has no full-attention row
+        assert evaluation.answer_nll("full", EvalDocument(lm, evaluation.encoder, long["input"]), "What?", [5]) is None
     finally:
         lm.llm.config.max_position_embeddings = positions
-    assert main(["eval-qa", "--data", str(data), "--methods", "window,ext:0"]) == 2
+    assert main(["eval-qa", "--data", data, "--methods", "window,ext:0"]) == 2
+    code = main(["eval-qa", "--data", data, "--methods", "window,hybrid", "--model", tiny8, "--chunk", "16",
+                 "--window", "256", "--limit", "2", "--no-generate", "--json", str(tmp_path / "qa.json")])
+    assert code == 0 and (tmp_path / "qa.png").stat().st_size > 0 and (tmp_path / "qa.questions.jsonl").exists()

@@ -53,7 +53,11 @@ def run(args) -> int:
         from storage.store import Store
 
         store = Store.open(args.store)
-        if len(store) and not index_is_current(store, args.index):
+        try:
+            current = index_is_current(store, args.index)
+        except UserError:  # a damaged meta.json: the index is rebuilt
+            current = False
+        if len(store) and not current:
             print(f"passage index: {build_index(store, args.index)}")
     if args.json:
         print(json.dumps({**vars(summary), "tokens_per_s": summary.tokens_per_s}))

@@ -62,18 +62,23 @@ class Unreadable(Exception):
     """A file the scan skips; the message is its kind (``not a regular file``, ``too large``, ...)."""
 
 
+def _regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+                else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "folder" if stat.S_ISDIR(mode)
+                else "special file")
+        raise Unreadable(f"not a regular file ({kind})")
+
+
 def read_bytes(path: str | Path, max_bytes: int = MAX_BYTES) -> bytes:
     """A regular file's bytes, at most ``max_bytes``; opened non-blocking so a FIFO cannot hang the reader."""
     try:
+        _regular(os.stat(path).st_mode)  # a socket cannot even be opened
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise Unreadable(f"unreadable ({err.strerror})") from None
     with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
-                    else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-            raise Unreadable(f"not a regular file ({kind})")
+        _regular(os.fstat(fd).st_mode)  # what was opened, in case the path changed since
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise Unreadable(f"too large (over --max-bytes {max_bytes:,})")

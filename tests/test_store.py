@@ -32,7 +32,7 @@ def write_document(store, n_tokens, seed=0, piece=37):
     for start in range(0, n_tokens, piece):
         writer.append(rows[start : start + piece])
     store.commit([{"doc_id": f"doc{seed}", "source": "test", "content_hash": content_hash(seed), "n_tokens": n_tokens,
-                   "chunk_size": CHUNK, "chunk_char_offsets": [0], "dtype": "float16", "shape": [n_tokens, HIDDEN],
+                   "chunk_size": CHUNK, "chunk_char_offsets": [0] * -(-n_tokens // CHUNK) + [len(f"text {seed}")], "dtype": "float16", "shape": [n_tokens, HIDDEN],
                    "array": writer.name, "text_path": f"texts/doc{seed}.txt", "checksum": writer.close(),
                    "embedder_fingerprint": "e", "llm_fingerprint": "l"}])
     (store.path / "texts" / f"doc{seed}.txt").write_text(f"text {seed}")

@@ -115,6 +115,10 @@ def test_a_deleted_shard_is_an_error_not_fill_values(store):
         Store.open(store.path).document("doc3").strided(4)
     problems = store.verify()
     assert len(problems) == 1 and problems[0].startswith("doc3: ") and "missing" in problems[0]
+    shard = shards(store, "doc1")[2]
+    shard.write_bytes(shard.read_bytes()[:-30])  # a truncated shard: its index (crc32c too) is gone
+    with pytest.raises(UserError, match=r"stored document doc1 .* damaged"):
+        Store.open(store.path).document("doc1").read(590, 600)
     shutil.rmtree(store.path / store.document("doc2").row["array"])  # a deleted array
     with pytest.raises(UserError, match=r"stored document doc2 .* damaged"):
         Store.open(store.path).document("doc2").read(0, 10)
@@ -273,6 +277,9 @@ def test_bad_job_arguments_are_refused_up_front(tiny8, tmp_path, capsys):  # noq
     assert main(["precompute", "--corpus", str(tmp_path / "file"), "--store", str(tmp_path / "file"),
                  "--model", tiny8, "--chunk", "16"]) == 2
     assert "is a file, not a store folder" in capsys.readouterr().err
+    (tmp_path / "leval.jsonl").write_text(json.dumps({"input": "a long document", "instructions": ["q?"]}))
+    assert main(["precompute", "--corpus", str(tmp_path / "leval.jsonl"), "--store", str(tmp_path / "s")]) == 2
+    assert "pass --text-column" in capsys.readouterr().err and not (tmp_path / "s").exists()
     assert main(["generate", str(tmp_path / "file"), "--prompt", "?", "--max-new-tokens", "100000"]) == 2
     assert "--max-new-tokens (100000) must be smaller than --window (1024)" in capsys.readouterr().err
 

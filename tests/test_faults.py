@@ -382,3 +382,35 @@ def test_two_jobs_on_one_store_store_each_document_once(tiny8, tmp_path):  # noq
     assert waiting.returncode == 0 and "skipped 4 already stored" in out, err[-2000:]
     hashes = Store.open(store).manifest().column("content_hash").to_pylist()
     assert len(hashes) == len(set(hashes)) == 4
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Makes folders read-only even for root (the immutable flag), undone after the test."""
+    frozen = []
+
+    def freeze(folder):
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not available here")
+        frozen.append(folder)
+
+    yield freeze
+    for folder in frozen:
+        subprocess.run(["chattr", "-i", str(folder)])
+
+
+def test_a_read_only_store_or_folder_is_a_one_line_error(store, tmp_path, read_only, tiny8, capsys):  # noqa: F811
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    read_only(parent)
+    read_only(store.path)
+    (tmp_path / "doc.txt").write_text(text(1, 100))
+    for argv in (["precompute", "--corpus", str(tmp_path / "doc.txt"), "--store", str(parent / "store"),
+                  "--model", tiny8, "--chunk", "16"],
+                 ["index", str(store.path), "--encoder", "embedder-mean"],
+                 ["store", "repair", str(store.path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("extemb: error: ") and ("read-only" in err or
+                                                                              "cannot create the store" in err), err
+    assert main(["store", "verify", str(store.path)]) == 0  # reading needs no write access

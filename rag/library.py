@@ -2,11 +2,12 @@
 
 The LLM's input, in the model's chat template (one user turn)::
 
-    [template start] + for each document: "Document n (name):\\n" [its extensible embeddings] "\\n\\n"
+    [template start] + for each document: "Document n (name):\\n" [its chunks, in order] "\\n\\n"
                      + question + [template end, assistant turn]
 
-The embeddings are the stored full-resolution outputs, down-scaled at the planned k: only those rows are read from
-Zarr, and the embedder never runs at query time.
+where each chunk the planner chose is read either as its plain tokens (k = 1: by default the passages nearest to the
+question) or as the stored full-resolution outputs down-scaled at its k: only those rows are read from Zarr, and the
+embedder never runs at query time.
 """
 
 from __future__ import annotations

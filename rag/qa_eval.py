@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 from extensible.errors import ContextTooLongError, UserError
 from extensible.evaluate import bootstrap_interval, parse_methods
 
+from storage.store import runtime_fingerprints
+
 from .index import chunk_relevance, make_encoder
 from .library import InMemoryDocument, Prompt, build_query, generate_answer
 
@@ -176,13 +178,12 @@ class QAEvaluation:
         if method in PLANNED:
             query = build_query(lm, question, [doc.stored], [doc.relevance(question)], None, [doc.ids],
                                 PLANNED[method], self.max_new_tokens)
-            return query.embeds, {"chunk_ks": query.chunk_ks[0]}
+            return query.embeds, {"chunk_ks": {str(c): k for c, k in query.chunk_ks[0].items()}}
         raise UserError(f"method {method!r} has no composed input")
 
     def _fits_positions(self, doc: EvalDocument, question: str) -> Prompt | None:
-        positions = self.lm.llm.config.max_position_embeddings
         prompt = Prompt(self.lm, question, None, 1, self.max_new_tokens)
-        return prompt if len(doc.ids) <= prompt.budget + positions - self.lm.window else None
+        return prompt if len(doc.ids) <= prompt.budget + self.positions - self.lm.window else None
 
     def answer_nll(self, method: str, doc: EvalDocument, question: str, reference: list[int]) -> tuple[float, dict] | None:
         lm = self.lm
@@ -205,13 +206,37 @@ class QAEvaluation:
         keep = self.lm.layout(k).capacity() - (self.lm.window - prompt.budget)
         return prompt.before + doc.ids[max(0, len(doc.ids) - keep) :] + prompt.separator + prompt.after, k
 
+    def record(self, method: str, doc: EvalDocument, question: str, references: list[str], generate: bool) -> dict:
+        """One question's record for ``method``: its answer NLL (and greedy answer with its scores), or why not."""
+        record = {"method": method, "question": question, "reference": references[0]}
+        reference = self.lm.tokenizer(references[0], add_special_tokens=False)["input_ids"][: self.max_new_tokens]
+        start = time.perf_counter()
+        try:
+            scored = self.answer_nll(method, doc, question, reference)
+        except ContextTooLongError as err:
+            return {**record, "skipped": str(err)}
+        if scored is None:
+            return {**record, "skipped": f"the document does not fit the model's {self.positions} positions"}
+        record.update(answer_nll=scored[0], **scored[1])
+        if generate:
+            prediction = self.generate(method, doc, question)
+            record.update(prediction=prediction, **{name: 100 * max(metric(prediction, r) for r in references)
+                                                    for name, metric in (("f1", token_f1), ("em", exact_match),
+                                                                         ("rougeL", rouge_l))})
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    @property
+    def positions(self) -> int:
+        return self.lm.llm.config.max_position_embeddings
+
     def generate(self, method: str, doc: EvalDocument, question: str) -> str | None:
         lm = self.lm
         if method == "full":
             prompt = self._fits_positions(doc, question)
             if prompt is None:
                 return None
-            window, lm.window = lm.window, lm.llm.config.max_position_embeddings
+            window, lm.window = lm.window, self.positions
             try:
                 return generate_answer(lm, lm.compose(prompt.segments([[torch.tensor(doc.ids)]])), self.max_new_tokens)[0]
             finally:
@@ -223,41 +248,58 @@ class QAEvaluation:
         return generate_answer(lm, self.query(method, doc, question)[0], self.max_new_tokens)[0]
 
 
+def read_journal(path: Path | None, settings: dict) -> dict[tuple, dict]:
+    """Records of an earlier run made with the same ``settings``, by (task, document, question, method)."""
+    if path is None or not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if all(record.get(key) == value for key, value in settings.items()):
+            done[(record["task"], record["document"], record["question_index"], record["method"])] = record
+    return done
+
+
 def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = None, max_new_tokens: int = 64,
-                generate: bool = True, progress: bool = True) -> tuple[list[dict], list[dict]]:
+                generate: bool = True, progress: bool = True, journal: str | Path | None = None) -> tuple[list[dict], list[dict]]:
     """Rows {method, task, n, f1, em, rougeL, answer_nll, seconds, skipped} per file and method (plus a ``task: all``
-    row per method: the average over files), and one record per question and method."""
+    row per method: the average over files), and one record per question and method.
+
+    With ``journal``, every record is appended to that .jsonl file as soon as it is made, and the records it already
+    holds from a run with the same settings are reused: a killed evaluation resumes where it stopped."""
     evaluation = QAEvaluation(lm, max_new_tokens)
+    settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate,
+                **runtime_fingerprints(lm)}  # a resumed run reuses only records of this LLM, plug-in and window
+    journal = Path(journal) if journal else None
+    done = read_journal(journal, settings)
+    log = journal.open("a", encoding="utf-8") if journal else None
     records_out = []
-    for file in files:
-        task = Path(file).stem
-        records = read_leval(file)
-        chosen = spread_questions([len(r["instructions"]) for r in records], limit)
-        doc, doc_index = None, None
-        for d, j in tqdm(chosen, desc=task, disable=not progress):
-            if d != doc_index:  # questions come sorted by document: one encoding and one cache per document
-                doc, doc_index = EvalDocument(lm, evaluation.encoder, records[d]["input"]), d
-            question, references = records[d]["instructions"][j], records[d]["references"][j]
-            reference = lm.tokenizer(references[0], add_special_tokens=False)["input_ids"][:max_new_tokens]
-            for method in methods:
-                record = {"task": task, "document": d, "question_index": j, "method": method, "question": question,
-                          "reference": references[0]}
-                start = time.perf_counter()
-                try:
-                    scored = evaluation.answer_nll(method, doc, question, reference)
-                except ContextTooLongError as err:
-                    records_out.append({**record, "skipped": str(err)})
-                    continue
-                if scored is None:
-                    continue  # full: the document does not fit the model's positions
-                record.update(answer_nll=scored[0], **scored[1])
-                if generate:
-                    prediction = evaluation.generate(method, doc, question)
-                    record.update(prediction=prediction,
-                                  **{name: 100 * max(metric(prediction, r) for r in references)
-                                     for name, metric in (("f1", token_f1), ("em", exact_match), ("rougeL", rouge_l))})
-                record["seconds"] = time.perf_counter() - start
-                records_out.append(record)
+    try:
+        for file in files:
+            task = Path(file).stem
+            records = read_leval(file)
+            chosen = spread_questions([len(r["instructions"]) for r in records], limit)
+            doc, doc_index = None, None
+            for d, j in tqdm(chosen, desc=task, disable=not progress):
+                question, references = records[d]["instructions"][j], records[d]["references"][j]
+                for method in methods:
+                    if (task, d, j, method) in done:
+                        records_out.append(done[(task, d, j, method)])
+                        continue
+                    if d != doc_index:  # questions come sorted by document: one encoding and cache per document
+                        doc, doc_index = EvalDocument(lm, evaluation.encoder, records[d]["input"]), d
+                    record = evaluation.record(method, doc, question, references, generate)
+                    record.update(task=task, document=d, question_index=j, **settings)
+                    records_out.append(record)
+                    if log:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+    finally:
+        if log:
+            log.close()
     return summarise(records_out, methods, [Path(f).stem for f in files]), records_out
 
 

@@ -316,11 +316,12 @@ def test_eval_qa_methods_agree_when_the_document_fits_and_hybrid_reads_rags_pass
     by = {(r["task"], r["method"]): r for r in rows}
     assert all(by[("bank_qa", m)]["n"] == 4 for m in ("window", "rag", "hybrid"))
     assert by[("bank_qa", "full")]["n"] == 2  # the long document does not fit the tiny model's 2,048 positions
+    assert by[("bank_qa", "full")]["skipped"] == 2
     assert {r["method"] for r in rows if r["task"] == "all"} == {"window", "full", "rag", "hybrid", "ext:adaptive"}
-    nll = {(r["document"], r["question_index"], r["method"]): r["answer_nll"] for r in records}
+    nll = {(r["document"], r["question_index"], r["method"]): r["answer_nll"] for r in records if "answer_nll" in r}
     for j in range(2):  # the short document fits: every method reads it whole, in order (full from a cached prefix)
         assert max(abs(nll[(0, j, m)] - nll[(0, j, "window")]) for m in ("full", "rag", "hybrid")) < 1e-3
-    long_records = {r["method"]: r for r in records if r["document"] == 1 and r["question_index"] == 0}
+    long_records = {r["method"]: r for r in records if r["document"] == 1 and r["question_index"] == 0 and "answer_nll" in r}
     rag_ks, hybrid_ks = long_records["rag"]["chunk_ks"], long_records["hybrid"]["chunk_ks"]
     assert set(rag_ks.values()) == {1} and {c for c, k in hybrid_ks.items() if k == 1} == set(rag_ks)
     assert len(hybrid_ks) > len(rag_ks)  # the rest of the document compressed
@@ -340,4 +341,22 @@ def test_eval_qa_methods_agree_when_the_document_fits_and_hybrid_reads_rags_pass
     assert main(["eval-qa", "--data", data, "--methods", "window,ext:0"]) == 2
     code = main(["eval-qa", "--data", data, "--methods", "window,hybrid", "--model", tiny8, "--chunk", "16",
                  "--window", "256", "--limit", "2", "--no-generate", "--json", str(tmp_path / "qa.json")])
-    assert code == 0 and (tmp_path / "qa.png").stat().st_size > 0 and (tmp_path / "qa.questions.jsonl").exists()
+    assert code == 0 and (tmp_path / "qa.png").stat().st_size > 0
+    journal = tmp_path / "qa.questions.jsonl"
+    first = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert len(first) == 4 and all("answer_nll" in r for r in first)
+    journal.write_text("\n".join(json.dumps(r) for r in first[:3]) + '\n{"task": "cut sh')  # killed mid-write
+    code = main(["eval-qa", "--data", data, "--methods", "window,hybrid", "--model", tiny8, "--chunk", "16",
+                 "--window", "256", "--limit", "2", "--no-generate", "--json", str(tmp_path / "qa.json"), "--resume"])
+    again = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert code == 0 and again[:3] == first[:3] and len(again) == 4  # three reused, the fourth recomputed
+    assert again[3]["answer_nll"] == pytest.approx(first[3]["answer_nll"], abs=1e-4)
+
+
+def test_eval_qa_skips_and_counts_a_question_longer_than_the_window_and_reads_a_one_chunk_document(lm, tmp_path):
+    record = {"input": "Savers moved.", "instructions": ["why? " * 300, "Who moved?"], "outputs": ["x", "savers"]}
+    rows, records = evaluate_qa(lm, [qa_file(tmp_path, [record])], ["rag", "hybrid"], max_new_tokens=4,
+                                generate=False, progress=False)
+    by = {r["method"]: r for r in rows if r["task"] == "bank_qa"}
+    assert by["rag"]["n"] == 1 and by["rag"]["skipped"] == 1 and by["hybrid"]["skipped"] == 1
+    assert [r["chunk_ks"] for r in records if "chunk_ks" in r] == [{"0": 1}, {"0": 1}]  # shorter than one chunk: raw

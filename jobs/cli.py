@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from extensible.errors import UserError
 from jobs.report import write_rows
@@ -98,8 +99,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval_ppl(args) -> None:
-    from pathlib import Path
-
     from extensible.data import expand_sources, iter_documents
     from extensible.evaluate import Protocol, evaluate, markdown_report, parse_methods, plot
     from extensible.text import tokenize
@@ -192,13 +191,17 @@ def cmd_eval_qa(args) -> None:
 
     methods = parse_qa_methods(args.methods)
     lm = _runtime(args)
+    journal = Path(args.json).with_suffix(".questions.jsonl") if args.json else None
+    if journal and not args.resume:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        journal.write_text("")
     rows, records = evaluate_qa(lm, args.data, methods, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                                generate=not args.no_generate)
+                                generate=not args.no_generate, journal=journal)
     report = qa_markdown(rows, records)
     print(report)
     if args.json:
         out = write_rows(args.json, rows, report)
-        out.with_name(out.stem + ".questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        journal.write_text("".join(json.dumps(r) + "\n" for r in records))  # this run's records only
         plot_qa(rows, out.with_suffix(".png"), f"window {lm.window}, chunk {lm.chunk_size}")
         print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} and the questions beside them")
 
@@ -276,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="questions per file, spread over its documents and over each document's questions")
     qa.add_argument("--max-new-tokens", type=_positive, default=64, help="answer length (and the reference tokens scored)")
     qa.add_argument("--no-generate", action="store_true", help="answer NLL only: no generation, no F1/EM/ROUGE-L")
-    qa.add_argument("--json", help="write the rows here (a .md table, a .png plot and every question beside it)")
+    qa.add_argument("--json", help="write the rows here (a .md table, a .png plot and every question beside it, "
+                    "the questions as they are answered)")
+    qa.add_argument("--resume", action="store_true", help="reuse the answered questions that --json's .questions.jsonl "
+                    "holds from a run with the same settings (a killed run goes on where it stopped)")
     _model_args(qa)
     qa.set_defaults(func=cmd_eval_qa)
     return parser

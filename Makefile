@@ -12,7 +12,7 @@ BOOKS ?= ../shared/data/books
 HELD_OUT ?= austen_persuasion chesterton_thursday wells_war_of_the_worlds
 LEVAL ?= ../shared/data/leval
 
-.PHONY: setup test demo precompute train eval bench clean
+.PHONY: setup test cluster-test demo precompute train eval bench clean
 
 setup: $(VENV)/.installed
 
@@ -37,8 +37,15 @@ demo: setup
 		"What is the difference between a list and a tuple?"
 
 # make precompute CORPUS=../shared/data/books STORE=out/books   (no CORPUS: the pydoc topics of this Python)
+# PRECOMPUTE_ARGS="--workers 2 ..." passes more options; RAY_ADDRESS=host:port runs it on that Ray cluster.
 precompute: setup
-	$(PY) -m jobs.precompute $(if $(CORPUS),--corpus "$(CORPUS)") --store "$(STORE)"
+	$(PY) -m jobs.precompute $(if $(CORPUS),--corpus "$(CORPUS)") --store "$(STORE)" $(PRECOMPUTE_ARGS)
+
+# A two-node Ray cluster (head + worker, separate `ray start` processes) on loopback, in a network namespace whose
+# only interface is lo (unprivileged: util-linux unshare); its own PID namespace ends anything left when it exits.
+cluster-test: setup
+	unshare --user --map-root-user --net --mount --pid --fork --mount-proc --kill-child \
+		sh -c 'ip link set lo up && exec $(PY) -m tests.cluster'
 
 # Two-stream AR training of the shipped SmolLM2 plug-in on the books, the held-out ones excluded, in three stages:
 # 1. the paper's objective (each chunk predicted right after the compressed chunks before it), 661 of a planned

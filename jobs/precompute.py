@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=positive, default=None, help="chunk length (default: the plug-in's)")
     parser.add_argument("--workers", type=positive, default=1, help="embedder actors (one per GPU on a cluster)")
     parser.add_argument("--threads", type=positive, default=None, help="torch threads per CPU actor")
+    parser.add_argument("--gpus-per-worker", type=float, default=None, help="num_gpus of each embedder actor "
+                        "(bf16 on CUDA, batch sized to the GPU); default 1 when this machine has CUDA, else 0")
     parser.add_argument("--commit-every", type=positive, default=64, help="commit the manifest every N documents "
                         "(and every 5 s): a killed job loses at most that much work")
     parser.add_argument("--text-column", default="text", help="text field of .jsonl/Parquet records (L-Eval: input)")
@@ -46,7 +48,8 @@ def run(args) -> int:
 
     summary = precompute(args.corpus or None, args.store, model=args.model, plugin=args.plugin, chunk_size=args.chunk,
                          workers=args.workers, threads=args.threads, commit_every=args.commit_every,
-                         text_column=args.text_column, max_bytes=args.max_bytes, wait=args.wait)
+                         text_column=args.text_column, max_bytes=args.max_bytes, wait=args.wait,
+                         gpus_per_worker=args.gpus_per_worker)
     print("\n".join(summary.lines()))
     if args.index != "none":
         from rag.index import build_index, index_is_current

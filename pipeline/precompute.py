@@ -68,10 +68,19 @@ def write_document(lm: ExtensibleLM, store: Store, ref: dict) -> dict:
 class EmbedDocuments:
     """Ray Data actor: loads the LLM and embedder once, then embeds one document per call."""
 
-    def __init__(self, store: str, model: str | None, plugin: str | None, chunk_size: int | None, threads: int):
+    def __init__(self, store: str, model: str | None, plugin: str | None, chunk_size: int | None, threads: int,
+                 gpus: float = 0):
+        import ray
+
         torch.set_num_threads(threads)
-        self.lm = load_extensible(model, plugin, chunk_size=chunk_size)
+        if gpus and not torch.cuda.is_available():
+            raise UserError(f"this actor was given GPUs {ray.get_gpu_ids()} (--gpus-per-worker {gpus}) but torch "
+                            "sees no CUDA device")
+        self.lm = load_extensible(model, plugin, chunk_size=chunk_size)  # bf16, on CUDA when the actor has a GPU
+        if gpus:
+            self.lm.encode_batch = gpu_batch(self.lm)
         self.store = Store.open(store)
+        self.node = ray.get_runtime_context().get_node_id()  # the summary counts documents per node
 
     def __call__(self, batch: dict) -> dict:
         rows = []
@@ -90,7 +99,53 @@ class EmbedDocuments:
                 rows.append({"doc_id": ref["doc_id"], "source": ref["source"],
                              "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
             attempts.unlink()
-        return {"row": rows}
+        return {"row": [{**row, "node": self.node} for row in rows]}
+
+
+def gpu_batch(lm: ExtensibleLM, budget: float = 0.5) -> int:
+    """Chunks per embedder forward that fit in ``budget`` of the free GPU memory: a bf16 forward of one chunk holds
+    about a dozen [chunk, hidden] activations and the MLP's [chunk, intermediate] ones (SDPA: no [chunk, chunk])."""
+    free, _ = torch.cuda.mem_get_info(lm.embedder.device)
+    config = lm.llm.config
+    per_chunk = 2 * lm.chunk_size * (12 * config.hidden_size + 3 * config.intermediate_size)
+    return max(1, min(512, int(free * budget // per_chunk)))
+
+
+def check_shared_store(path: Path) -> None:
+    """Every node must see the store the driver sees: each writes a probe beside one the driver wrote, or the job
+    stops here naming the node, instead of failing document by document."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    (path / f".probe-{token}").write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe(folder: str) -> str:
+        import socket
+
+        seen = Path(folder, f".probe-{token}")
+        try:
+            if not seen.exists() or seen.read_text() != token:
+                return f"cannot see the store the driver writes ({seen} is missing): not the same filesystem"
+            Path(folder, f".probe-{token}-{ray.get_runtime_context().get_node_id()}").write_text(socket.gethostname())
+        except OSError as err:
+            return f"cannot write it ({type(err).__name__}: {err.strerror or err})"
+        return ""
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    try:
+        answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                           .remote(str(path)) for node in nodes], timeout=120)
+    finally:
+        for probe_file in path.glob(f".probe-{token}*"):
+            probe_file.unlink()
+    for node, problem in zip(nodes, answers):
+        if problem:
+            raise UserError(f"STORE {path} must be shared storage that every Ray node can write: node "
+                            f"{node['NodeID'][:8]} ({node['NodeManagerAddress']}) {problem}")
 
 
 @dataclass
@@ -103,6 +158,7 @@ class Summary:
     already_stored: int = 0
     first_document_seconds: float = 0.0  # start-up: Ray, the actors' model loading, the first document
     problems: dict = field(default_factory=dict)
+    nodes: dict = field(default_factory=dict)  # Ray node id -> documents its actors embedded
 
     @property
     def tokens_per_s(self) -> float:
@@ -113,6 +169,9 @@ class Summary:
                  f"({self.tokens_per_s:,.0f} tokens/s; the first document after {self.first_document_seconds:.1f} s), "
                  f"{self.bytes_written / 2**20:.1f} MiB written to {self.store}",
                  f"skipped {self.already_stored} already stored"]
+        if self.nodes:
+            lines.append(f"embedded on {len(self.nodes)} node{'s' * (len(self.nodes) > 1)}: " + ", ".join(
+                f"{node[:8]} {count} documents" for node, count in sorted(self.nodes.items())))
         for kind, sources in sorted(self.problems.items()):
             lines.append(f"{kind}: {len(sources)}" + "".join(f"\n  {s}" for s in sources[:20]))
         return lines
@@ -125,13 +184,16 @@ def _disk_bytes(path: Path) -> int:
 def precompute(corpus: str | None, store_path: str, model: str | None = None, plugin: str | None = None,
                chunk_size: int | None = None, workers: int = 1, threads: int | None = None, commit_every: int = 64,
                commit_seconds: float = 5.0, progress: bool = True, text_column: str = "text",
-               max_bytes: int = MAX_BYTES, wait: bool = False) -> Summary:
+               max_bytes: int = MAX_BYTES, wait: bool = False, gpus_per_worker: float | None = None) -> Summary:
     """Embeds ``corpus`` into the store at ``store_path``; commits every ``commit_every`` documents or
-    ``commit_seconds``, whichever comes first, so a killed job loses at most that much work."""
+    ``commit_seconds``, whichever comes first, so a killed job loses at most that much work. ``gpus_per_worker``
+    (default: 1 when the driver sees CUDA, else 0) is each actor's ``num_gpus``; 0 gives CPU actors."""
     for name, value in (("--workers", workers), ("--chunk", chunk_size or 1), ("--commit-every", commit_every),
                         ("--threads", threads or 1), ("--max-bytes", max_bytes)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise UserError(f"--gpus-per-worker must be 0 or more, got {gpus_per_worker:g}")
     report = scan_corpus(corpus, text_column, max_bytes)
     if not report.documents and not report.problems:
         raise UserError(f"CORPUS {corpus} holds no documents")
@@ -143,11 +205,11 @@ def precompute(corpus: str | None, store_path: str, model: str | None = None, pl
     with store.lock(wait=wait):  # one writer for the whole write phase: what is stored is read under the lock
         store = open_store()  # under the lock: the fingerprint check (or re-pinning a store with nothing committed)
         return _embed(report, store, model, plugin, chunk_size, workers, threads, commit_every, commit_seconds,
-                      progress, max_bytes)
+                      progress, max_bytes, gpus_per_worker)
 
 
 def _embed(report, store: Store, model, plugin, chunk_size, workers, threads, commit_every, commit_seconds, progress,
-           max_bytes) -> Summary:
+           max_bytes, gpus_per_worker) -> Summary:
     import ray
 
     stored = store.stored_hashes()
@@ -159,20 +221,26 @@ def _embed(report, store: Store, model, plugin, chunk_size, workers, threads, co
     before = _disk_bytes(store.path)
     shutil.rmtree(store.path / ATTEMPTS, ignore_errors=True)  # attempts count per job
     (store.path / ATTEMPTS).mkdir()
-    use_gpu = torch.cuda.is_available()
+    gpus = (1 if torch.cuda.is_available() else 0) if gpus_per_worker is None else gpus_per_worker
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    if gpus * workers > ray.cluster_resources().get("GPU", 0):  # the actors would wait for GPUs forever
+        raise UserError(f"--workers {workers} x --gpus-per-worker {gpus} needs {gpus * workers:g} GPUs; the Ray "
+                        f"cluster has {ray.cluster_resources().get('GPU', 0):g}")
+    check_shared_store(store.path)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.wait_for_min_actors_s = 600  # a fixed pool starts with all its actors, on every node, not the first one
     # One block per document: a worker that dies takes only its own document with it. Ray 2.60 takes the retry
     # bounds only as ray_remote_args, which it marks deprecated without a named replacement yet.
     warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", ray.util.annotations.RayDeprecationWarning)
     dataset = ray.data.from_items([{**asdict(ref), "max_bytes": max_bytes} for ref in todo],
                                   override_num_blocks=len(todo)).map_batches(
         EmbedDocuments, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+        num_gpus=gpus, num_cpus=0 if gpus else 1,
         max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES,
         fn_constructor_kwargs={"store": str(store.path), "model": model, "plugin": plugin, "chunk_size": chunk_size,
-                               "threads": threads},
+                               "threads": threads, "gpus": gpus},
     )
     start = last_commit = time.perf_counter()
     pending: list[dict] = []
@@ -196,7 +264,8 @@ def _embed(report, store: Store, model, plugin, chunk_size, workers, threads, co
                 summary.problems.setdefault("duplicate", []).append(f"{row['source']} (its new text is stored)")
                 continue
             stored.add(row["content_hash"])
-            pending.append({key: value for key, value in row.items() if key != "error"})
+            pending.append({key: value for key, value in row.items() if key not in ("error", "node")})
+            summary.nodes[row["node"]] = summary.nodes.get(row["node"], 0) + 1
             summary.stored += 1
             summary.tokens += int(row["n_tokens"])
             bar.set_postfix(tokens=f"{summary.tokens:,}")

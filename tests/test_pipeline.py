@@ -123,3 +123,13 @@ def test_bad_corpora_are_clear_errors(tiny8, tmp_path, capsys):
     assert main(["precompute", "--corpus", str(tmp_path / "nothing*"), "--store", str(tmp_path / "s"),
                  "--model", tiny8, "--chunk", "16"]) == 2
     assert "no files match" in capsys.readouterr().err
+
+
+def test_gpu_actors_are_checked_against_the_cluster(corpus, tiny8, tmp_path):
+    """--gpus-per-worker puts num_gpus on the actors; a CPU-only cluster is refused up front instead of waiting for
+    GPUs forever (no GPU here: the CUDA path itself is not run by this suite)."""
+    with pytest.raises(UserError, match=r"--workers 2 x --gpus-per-worker 64 needs 128 GPUs; the Ray cluster has"):
+        precompute(str(corpus), str(tmp_path / "store"), model=tiny8, chunk_size=16, workers=2, gpus_per_worker=64,
+                   progress=False)
+    with pytest.raises(UserError, match="--gpus-per-worker must be 0 or more"):
+        precompute(str(corpus), str(tmp_path / "store"), model=tiny8, chunk_size=16, gpus_per_worker=-1)

@@ -9,26 +9,13 @@ import sys
 from pathlib import Path
 
 from extensible.errors import UserError
+from jobs.precompute import positive as _positive  # one parser of positive integers for every command
 from jobs.report import write_rows
 
 
 def _k(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"k must be an integer >= 1 or 'auto', got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"k must be an integer >= 1, got {k}")
-    return k
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
+    """A down-scaling factor: a positive integer, or 'auto'."""
+    return value if value == "auto" else _positive(value)
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:

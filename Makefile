@@ -43,8 +43,11 @@ precompute: setup
 
 # A two-node Ray cluster (head + worker, separate `ray start` processes) on loopback, in a network namespace whose
 # only interface is lo (unprivileged: util-linux unshare); its own PID namespace ends anything left when it exits.
+# The test stops itself after CLUSTER_TEST_TIMEOUT seconds, naming the step it was in; `timeout` is the backstop.
+CLUSTER_TEST_TIMEOUT ?= 420
 cluster-test: setup
-	unshare --user --map-root-user --net --mount --pid --fork --mount-proc --kill-child \
+	CLUSTER_TEST_TIMEOUT=$(CLUSTER_TEST_TIMEOUT) timeout --kill-after 10 $$(($(CLUSTER_TEST_TIMEOUT) + 60)) \
+		unshare --user --map-root-user --net --mount --pid --fork --mount-proc --kill-child \
 		sh -c 'ip link set lo up && exec $(PY) -m tests.cluster'
 
 # Two-stream AR training of the shipped SmolLM2 plug-in on the books, the held-out ones excluded, in three stages:

@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 EXTEMB := $(VENV)/bin/extemb
 DEMO := out/demo
 
+QA ?= ../shared/data/qa
 CORPUS ?=
 STORE ?= out/store
 BOOKS ?= ../shared/data/books
 HELD_OUT ?= austen_persuasion chesterton_thursday wells_war_of_the_worlds
 LEVAL ?= ../shared/data/leval
 
-.PHONY: setup test cluster-test demo precompute train eval eval-qa bench clean
+.PHONY: setup test cluster-test demo precompute train train-qa eval eval-qa bench clean
 
 setup: $(VENV)/.installed
 
@@ -66,6 +67,19 @@ train: setup
 	$(PY) -m jobs.train $(TRAIN_ARGS) --ks 4 8 16 32 64 --out runs/smollm2-lora32-k64 \
 		--init-from runs/smollm2-lora32-recent/checkpoint/plugin --recent-chunks 3 --lr 1e-4 --warmup 10 --steps 360
 
+# Stage 4, the QA stage (rag/qa_train.py), warm-started from stage 3 (books only): each step one book sample (the
+# two-stream loss, so perplexity holds) plus four questions of one QA training document, each read exactly as the
+# hybrid planner builds its query at W = 1024, loss on the reference answer. Training files only: FairytaleQA val,
+# the held-out SQuAD articles and L-Eval stay out. The shipped plug-in is step 124 of a planned 200 (~26 s a step on
+# 2 CPU cores).
+QA_TRAIN = out/qa/squad_train.jsonl $(QA)/fairytaleqa_train.jsonl $(QA)/qmsum_train.jsonl
+train-qa: setup
+	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
+	$(PY) -m jobs.train_qa --data $(BOOKS) --exclude $(HELD_OUT) --lora-rank 32 --chunk 256 --sample-tokens 1024 \
+		--ks 4 8 16 32 64 --recent-chunks 2 --init-from runs/smollm2-lora32-k64/checkpoint/plugin --lr 1e-4 \
+		--warmup 10 --steps 200 --stop-at 124 --save-every 10 $(if $(MINUTES),--max-minutes $(MINUTES)) --out runs/smollm2-qa \
+		--qa $(QA_TRAIN)
+
 # The perplexity protocol on the held-out books (W = 1024, tail 512; 7680 + 512 = 8192 = SmolLM2's positions, so
 # full attention is the upper bound there; 25600 = 25W fits W = 1024 only at k >= 64), the paper's session policy
 # and the untrained embedder beside it, RoPE scaling past 8K, the Table 6 grid (k x L), then QA on the L-Eval files.
@@ -87,7 +101,6 @@ eval: setup
 # QA against plain passage RAG on data no plug-in was trained on (FairytaleQA val, 7 held-out SQuAD articles, the
 # five L-Eval files): answer NLL of the reference at W = 1024 (100 questions per file) and W = 4096, then greedy
 # answers (F1) at W = 1024. ~2.5 hours on 2 CPU cores.
-QA ?= ../shared/data/qa
 QA_FILES = $(QA)/fairytaleqa_val.jsonl out/qa/squad_heldout.jsonl $(wildcard $(LEVAL)/*.jsonl)
 eval-qa: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa

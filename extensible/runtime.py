@@ -153,8 +153,9 @@ class ExtensibleLM:
         return torch.cat([ex.to(tokens.dtype), tokens])[None]
 
     @torch.no_grad()
-    def _logprobs(self, embeds: torch.Tensor, keep: int) -> torch.Tensor:
-        logits = self.llm(inputs_embeds=embeds, use_cache=False, logits_to_keep=keep).logits[0]
+    def _logprobs(self, embeds: torch.Tensor, keep: int, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Log-probabilities at the last ``keep`` positions of ``embeds`` (read after ``cache`` when given)."""
+        logits = self.llm(inputs_embeds=embeds, cache=cache, use_cache=cache is not None, logits_to_keep=keep).logits[0]
         return torch.log_softmax(logits.float(), dim=-1)
 
     def _check_target(self, n: int, target_len: int) -> None:
@@ -273,12 +274,10 @@ class ExtensibleLM:
                                       f"tokens) exceed {limit} positions")
         inputs = torch.cat([embeds, self.llm.get_input_embeddings()(target[:-1])[None].to(embeds.dtype)], dim=1)
         try:
-            logits = self.llm(inputs_embeds=inputs, cache=prefix, use_cache=prefix is not None,
-                              logits_to_keep=len(target)).logits[0]
+            logprobs = self._logprobs(inputs, len(target), prefix)
         finally:
             if prefix is not None and prefix.get_seq_length() > past:  # leave the cache as it was for the next one
                 prefix.crop(past - prefix.get_seq_length())
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         return Score(-logprobs.gather(1, target[:, None])[:, 0].cpu())
 
     def stream(self, k: int, block: int = 256) -> OnlineSession:

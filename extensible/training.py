@@ -10,6 +10,11 @@ tokens between the extensible embeddings and the token being predicted: per samp
 (i > r) is predicted from the embeddings of chunks < i - r, the raw tokens of chunks i - r .. i - 1, and its own
 preceding tokens. r = 0 is the paper's objective.
 
+Extra objectives (``Trainer(..., objectives=lambda trainer: [...])``) add their loss to every step's book loss:
+objects with a ``name``, ``settings()`` (recorded in the checkpoint; a resume must agree) and ``loss(llm, embedder)``
+drawing samples with the ``random`` module, whose state the checkpoint keeps -- e.g. ``rag.qa_train.QAObjective``,
+whose samples are the library's own QA queries. The core knows nothing of them.
+
 Ablation objectives (``objective``): ``autoencode`` (chunk i's tokens from its own embeddings) and ``continuation``
 (only the last chunk, from the embeddings of all earlier ones). The loop is nanoGPT-shaped: one readable function,
 checkpoints with exact resume (plug-in tensors, optimizer, scheduler, RNG, data position).
@@ -23,6 +28,7 @@ import shutil
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -90,6 +96,16 @@ class TrainConfig:
             raise UserError("--recent-chunks applies to the ar objective only")
         if self.init_from:
             self.init_from = str(Path(self.init_from).resolve())
+
+
+class Objective(Protocol):
+    """A loss added to every training step, beside the two-stream loss on the books."""
+
+    name: str
+
+    def settings(self) -> dict: ...
+
+    def loss(self, llm, embedder) -> torch.Tensor: ...
 
 
 def pass_two_batch(embedder_outputs: torch.Tensor, token_embeds: torch.Tensor, ids: torch.Tensor, ks: list[int],
@@ -162,7 +178,8 @@ def sample_order(n_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, progress: bool = True):
+    def __init__(self, config: TrainConfig, progress: bool = True, objectives=None):
+        """``objectives(trainer)`` gives the extra objectives once the trainer holds its LLM and tokenizer."""
         self.config = config
         self.out = Path(config.out)
         self.progress = progress
@@ -187,6 +204,7 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup, config.steps)
         self.embedder, self.optimizer, self.scheduler = self.accelerator.prepare(
             self.embedder, self.optimizer, self.scheduler)
+        self.objectives: list[Objective] = objectives(self) if objectives else []
         self.step = 0
         self.samples_seen = 0
         random.seed(config.seed)
@@ -210,22 +228,26 @@ class Trainer:
         embedder.save_pretrained(tmp / "plugin")
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "step": self.step, "samples_seen": self.samples_seen, "rng": _rng_state()}, tmp / "state.pt")
-        (tmp / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        (tmp / "train_config.json").write_text(json.dumps(self._recorded_config(), indent=2))
         old = self.out / "checkpoint.old"
         if self.latest.exists():
             self.latest.rename(old)
         tmp.rename(self.latest)
         shutil.rmtree(old, ignore_errors=True)
 
+    def _recorded_config(self) -> dict:
+        return {**asdict(self.config), "objectives": {o.name: o.settings() for o in self.objectives}}
+
     def resume(self) -> bool:
         if not self.latest.exists():
             return False
         saved = json.loads((self.latest / "train_config.json").read_text())
-        mine = asdict(self.config)
+        mine = self._recorded_config()
         # A key that an older checkpoint lacks had its default then.
         defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-        changed = [f"{key}: {saved.get(key, defaults.get(key))!r} -> {mine[key]!r}" for key in SHAPE_FIELDS
-                   if saved.get(key, defaults.get(key)) != mine[key]]
+        defaults["objectives"] = {}
+        changed = [f"{key}: {saved.get(key, defaults.get(key))!r} -> {mine[key]!r}"
+                   for key in (*SHAPE_FIELDS, "objectives") if saved.get(key, defaults.get(key)) != mine[key]]
         if changed:
             raise UserError(f"{self.latest} belongs to another configuration ({'; '.join(changed)}); "
                             "use another --out or the same settings")
@@ -281,12 +303,14 @@ class Trainer:
         deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
         while self.step < stop_at:
             start = time.perf_counter()
-            total = 0.0
+            total, parts = 0.0, {}
             for _ in range(config.grad_accum):
                 ids, ks, recent = self.next_batch()
                 with self.accelerator.accumulate(self.embedder), self.accelerator.autocast():
-                    loss = two_stream_loss(llm, self.embedder, ids, ks, config.chunk_size, config.objective,
-                                           config.downscale, recent)
+                    losses = {"books": two_stream_loss(llm, self.embedder, ids, ks, config.chunk_size,
+                                                       config.objective, config.downscale, recent)}
+                    losses.update({o.name: o.loss(llm, self.embedder) for o in self.objectives})
+                    loss = sum(losses.values())
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients and config.grad_clip:
                         self.accelerator.clip_grad_norm_(self.embedder.parameters(), config.grad_clip)
@@ -294,9 +318,12 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 total += loss.item() / config.grad_accum
+                for name, part in losses.items():
+                    parts[f"loss_{name}"] = parts.get(f"loss_{name}", 0.0) + part.item() / config.grad_accum
             self.step += 1
             seconds = time.perf_counter() - start
-            last = {"loss": total, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds}
+            last = {"loss": total, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,
+                    **(parts if self.objectives else {})}
             if writer is not None and self.step % config.log_every == 0:
                 for name, value in last.items():
                     writer.add_scalar(f"train/{name}", value, self.step)

@@ -43,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(vars(build_parser().parse_args(argv)))
+
+
+def run(args: dict, objectives=None) -> int:
+    """Trains with the parsed ``args``; ``objectives(trainer)`` gives the extra objectives (jobs.train_qa)."""
     from extensible.training import TrainConfig, Trainer
 
-    args = vars(build_parser().parse_args(argv))
     export, max_minutes, stop_at = args.pop("export"), args.pop("max_minutes"), args.pop("stop_at")
     try:
-        trainer = Trainer(TrainConfig(**args))
+        trainer = Trainer(TrainConfig(**args), objectives=objectives)
         summary = trainer.train(until=stop_at, max_minutes=max_minutes)
         if export:
             trainer.accelerator.unwrap_model(trainer.embedder).save_pretrained(export)

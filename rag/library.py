@@ -32,20 +32,17 @@ class InMemoryDocument:
     """Full-resolution outputs held in memory ([n_tokens, hidden]), read like a StoredDocument (online mode)."""
 
     def __init__(self, outputs: torch.Tensor, chunk_size: int):
-        self._outputs, self.chunk_size, self.n_tokens, self._encode = outputs, chunk_size, len(outputs), None
+        self.chunk_size, self.n_tokens = chunk_size, len(outputs)
+        self.encoded = {i: outputs[i * chunk_size : (i + 1) * chunk_size] for i in range(self.num_chunks)}
+        self._ids, self._embedder = None, None
 
     @classmethod
-    def lazy(cls, n_tokens: int, chunk_size: int, encode) -> InMemoryDocument:
-        """A document whose outputs ``encode()`` computes on the first read (never, when only raw chunks are read)."""
-        document = cls(torch.zeros(n_tokens, 0), chunk_size)
-        document._outputs, document._encode = None, encode
+    def lazy(cls, ids: list[int], chunk_size: int, embedder) -> InMemoryDocument:
+        """A document whose chunks ``embedder`` encodes on their first compressed read, each once, all a read needs
+        in one batch (only raw chunks read: never). Under autograd the outputs keep their gradients (QA training)."""
+        document = cls(torch.zeros(len(ids), 0), chunk_size)
+        document.encoded, document._ids, document._embedder = {}, ids, embedder
         return document
-
-    @property
-    def outputs(self) -> torch.Tensor:
-        if self._outputs is None:
-            self._outputs = self._encode()
-        return self._outputs
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -57,10 +54,20 @@ class InMemoryDocument:
     def chunk_length(self, chunk: int) -> int:
         return min(self.chunk_size, len(self) - chunk * self.chunk_size)
 
+    def _encode(self, chunks: list[int]) -> None:
+        size, device = self.chunk_size, next(self._embedder.parameters()).device
+        whole = [c for c in chunks if self.chunk_length(c) == size]
+        if whole:
+            rows = torch.tensor([self._ids[c * size : (c + 1) * size] for c in whole], device=device)
+            self.encoded.update(zip(whole, self._embedder(rows)))
+        for c in set(chunks) - set(whole):  # a last partial chunk on its own
+            self.encoded[c] = self._embedder(torch.tensor([self._ids[c * size :]], device=device))[0]
+
     def downscaled_chunks(self, ks: dict[int, int], method: str = "strided", seed: int = 0) -> dict[int, torch.Tensor]:
-        size = self.chunk_size
-        return {i: downscale_chunk(self.outputs[i * size : i * size + self.chunk_length(i)], k, method, seed, i)
-                for i, k in ks.items()}
+        missing = [c for c in ks if c not in self.encoded]
+        if missing:
+            self._encode(missing)
+        return {c: downscale_chunk(self.encoded[c], k, method, seed, c) for c, k in ks.items()}
 
 
 def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
@@ -229,7 +236,10 @@ class Library:
         if not question.strip():
             raise UserError("the question is empty")
         index = self.index  # before the encoder: a missing index fails fast
-        hits = index.search(self.encoder.encode([question])[0], passages)
+        return self._search(self.encoder.encode([question])[0], documents, passages)
+
+    def _search(self, vector, documents: int | None, passages: int = 20) -> list[Source]:
+        hits = self.index.search(vector, passages)
         by_doc: dict[str, Source] = {}
         texts: dict[str, str] = {}
         rows = {row["doc_id"]: row for row in self.store.manifest().to_pylist()}
@@ -246,14 +256,17 @@ class Library:
         """Answers from the retrieved documents (or ``sources`` when given) as the planner reads them: by default
         (``hybrid``) the passages nearest to the question as plain tokens, the rest of the documents compressed."""
         start = time.perf_counter()
-        sources = sources if sources is not None else self.search(question, documents)
+        if not question.strip():
+            raise UserError("the question is empty")
+        index = self.index  # before the encoder: a missing index fails fast
+        vector = self.encoder.encode([question])[0]  # once, for the search and for each chunk's relevance
+        sources = sources if sources is not None else self._search(vector, documents)
         if not sources:
             raise UserError("no document to answer from")
         lm = self.lm
         ordered = sources[::-1]  # the most relevant document nearest to the question
         stored = [self.store.document(s.doc_id) for s in ordered]
-        vector = self.encoder.encode([question])[0]
-        relevance = [self.index.chunk_scores(vector, s.doc_id) for s in ordered]
+        relevance = [index.chunk_scores(vector, s.doc_id) for s in ordered]
         names = [Path(s.source).name for s in ordered]
         token_ids = [lm.tokenizer(self.store.text(doc.row), add_special_tokens=False)["input_ids"] for doc in stored]
         if any(len(ids) != len(doc) for ids, doc in zip(token_ids, stored)):

@@ -144,8 +144,9 @@ def truncate_middle(ids: list[int], keep: int) -> list[int]:
 
 
 class EvalDocument:
-    """One document of a QA file: its tokens and chunk spans, and, made on first use, its full-resolution outputs
-    (offline mode: encoded once for all its questions), its passage vectors and its full-attention prefix cache."""
+    """One document of a QA file: its tokens and chunk spans, and, made on first use, the full-resolution outputs of
+    each chunk read compressed (offline mode: encoded once for all its questions), its passage vectors and its
+    full-attention prefix cache."""
 
     def __init__(self, lm, encoder, text: str):
         self.lm, self.encoder, self.text = lm, encoder, text
@@ -153,7 +154,7 @@ class EvalDocument:
         self.ids = encoding["input_ids"]
         starts = [start for start, _ in encoding["offset_mapping"]]
         self.char_offsets = starts[:: lm.chunk_size] + [len(text)]  # as the store records a document's chunks
-        self.stored = InMemoryDocument.lazy(len(self.ids), lm.chunk_size, lambda: lm.encode(torch.tensor(self.ids)))
+        self.stored = InMemoryDocument.lazy(self.ids, lm.chunk_size, lm.embedder)
         self._passages = None
         self.prefix = None  # (cache, prompt) of the full-attention input up to the question
 
@@ -176,8 +177,9 @@ class QAEvaluation:
             prompt = Prompt(lm, question, None, 1, self.max_new_tokens)
             return lm.compose(prompt.segments([[torch.tensor(truncate_middle(doc.ids, prompt.budget))]])), {}
         if method in PLANNED:
-            query = build_query(lm, question, [doc.stored], [doc.relevance(question)], None, [doc.ids],
-                                PLANNED[method], self.max_new_tokens)
+            with torch.no_grad():  # the chunks it reads compressed are encoded here, each once per document
+                query = build_query(lm, question, [doc.stored], [doc.relevance(question)], None, [doc.ids],
+                                    PLANNED[method], self.max_new_tokens)
             return query.embeds, {"chunk_ks": {str(c): k for c, k in query.chunk_ks[0].items()}}
         raise UserError(f"method {method!r} has no composed input")
 
@@ -218,6 +220,8 @@ class QAEvaluation:
         if scored is None:
             return {**record, "skipped": f"the document does not fit the model's {self.positions} positions"}
         record.update(answer_nll=scored[0], **scored[1])
+        if "chunk_ks" in record:
+            record["answer_read"] = answer_read(doc, references, record["chunk_ks"])
         if generate:
             prediction = self.generate(method, doc, question)
             record.update(prediction=prediction, **{name: 100 * max(metric(prediction, r) for r in references)
@@ -322,13 +326,26 @@ def summarise(records: list[dict], methods: list[str], tasks: list[str]) -> list
     return rows
 
 
-def paired_differences(records: list[dict], method: str, anchor: str, metric: str = "answer_nll") -> dict[str, tuple]:
+def answer_read(doc: EvalDocument, references: list[str], chunk_ks: dict[str, int]) -> str:
+    """Where a planned input held the answer: ``raw`` (a chunk holding a reference verbatim was read as tokens),
+    ``compressed`` (only at k > 1), ``left out``, or ``not in text`` (no reference occurs verbatim)."""
+    gold = set().union(*(answer_chunks(doc.text, doc.char_offsets, r) for r in references))
+    ks = [chunk_ks.get(str(c)) for c in gold]
+    if not gold:
+        return "not in text"
+    return "raw" if 1 in ks else "compressed" if any(ks) else "left out"
+
+
+def paired_differences(records: list[dict], method: str, anchor: str, metric: str = "answer_nll",
+                       where: str | None = None) -> dict[str, tuple]:
     """Per task and over all tasks (the average of the per-task means): (n, mean of method - anchor, 95% low, high)
-    on the questions both answered."""
+    on the questions both answered (with ``where``, only those whose anchor input held the answer so)."""
     by_task: dict[str, list[float]] = defaultdict(list)
     values = {(r["task"], r["document"], r["question_index"], r["method"]): r[metric] for r in records if metric in r}
+    kept = {(r["task"], r["document"], r["question_index"]) for r in records
+            if r["method"] == anchor and (where is None or r.get("answer_read") == where)}
     for (task, d, j, m), value in values.items():
-        if m == method and (task, d, j, anchor) in values:
+        if m == method and (task, d, j, anchor) in values and (task, d, j) in kept:
             by_task[task].append(value - values[(task, d, j, anchor)])
     out = {task: (len(v), float(np.mean(v)), *bootstrap_interval(np.asarray(v))) for task, v in by_task.items() if v}
     if by_task:
@@ -357,6 +374,15 @@ def qa_markdown(rows: list[dict], records: list[dict]) -> str:
             for task, (n, mean, low, high) in sorted(paired_differences(records, method, anchor).items(),
                                                      key=lambda item: (item[0] == "all", item[0])):
                 lines.append(f"| {method} | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+    places = sorted({r["answer_read"] for r in records if r["method"] == "rag" and "answer_read" in r})
+    if "hybrid" in methods and places:  # does the compressed context help where rag's passages miss the answer?
+        lines += ["", "`hybrid` minus `rag` by where `rag`'s input held the answer (a chunk holding a reference verbatim "
+                  "read raw, or left out -- then `hybrid` reads it compressed if it fits):", "",
+                  "| rag held the answer | task | n | difference | 95% interval |", "|---|---|---:|---:|---|"]
+        for place in places:
+            for task, (n, mean, low, high) in sorted(paired_differences(records, "hybrid", "rag", where=place).items(),
+                                                     key=lambda item: (item[0] == "all", item[0])):
+                lines.append(f"| {place} | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
     return "\n".join(lines) + "\n"
 
 

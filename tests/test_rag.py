@@ -21,8 +21,8 @@ from rag.index import PassageIndex, build_index
 from rag.langchain import ChatExtensible, ExtensibleLLM, StoreRetriever
 from rag.library import InMemoryDocument, Library, build_query, generate_answer
 from rag.plan import Unit, plan
-from rag.qa_eval import (EvalDocument, QAEvaluation, evaluate_qa, exact_match, qa_markdown, read_leval, rouge_l,
-                         spread_questions, token_f1)
+from rag.qa_eval import (EvalDocument, QAEvaluation, answer_chunks, answer_read, evaluate_qa, exact_match,
+                         qa_markdown, read_leval, rouge_l, spread_questions, token_f1)
 from storage.store import Store
 
 from .conftest import save_tiny
@@ -332,7 +332,17 @@ def test_eval_qa_methods_agree_when_the_document_fits_and_hybrid_reads_rags_pass
 
     fast, _ = evaluate_qa(lm, [data], ["rag"], limit=1, max_new_tokens=4, generate=False, progress=False)
     assert fast[0]["n"] == 1 and np.isnan(fast[0]["f1"]) and fast[0]["answer_nll"] > 0
+    read = {(r["document"], r["question_index"], r["method"]): r.get("answer_read") for r in records}
+    assert read[(0, 0, "rag")] == read[(0, 1, "hybrid")] == "raw"  # the short document is read whole, raw
+    assert read[(1, 1, "rag")] == "not in text" and read[(1, 0, "window")] is None  # "rates" is not in the text
+    assert "by where `rag`'s input held the answer" in report
     evaluation = QAEvaluation(lm, max_new_tokens=4)
+    doc = EvalDocument(lm, evaluation.encoder, long["input"])
+    first = str(min(answer_chunks(doc.text, doc.char_offsets, "red lava")))
+    assert answer_read(doc, ["red lava"], {first: 1}) == "raw"
+    assert answer_read(doc, ["red lava"], {first: 8}) == "compressed"
+    assert answer_read(doc, ["red lava"], {}) == "left out"
+    assert answer_read(doc, ["no such words"], {first: 1}) == "not in text"
     lm.llm.config.max_position_embeddings, positions = 300, lm.llm.config.max_position_embeddings
     try:  # a document that does not fit the model's positions has no full-attention row
         assert evaluation.answer_nll("full", EvalDocument(lm, evaluation.encoder, long["input"]), "What?", [5]) is None

@@ -1,0 +1,35 @@
+"""make train-qa / python -m jobs.train_qa: the QA stage -- the two-stream book loss plus the answer loss of the
+library's own hybrid queries over QA training files (rag.qa_train). Takes every option of jobs.train, plus --qa-*."""
+
+from __future__ import annotations
+
+import sys
+
+from extensible.errors import UserError
+
+from .train import build_parser, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    parser.description = __doc__
+    qa = parser.add_argument_group("QA samples")
+    qa.add_argument("--qa", nargs="+", required=True, help="L-Eval-format QA training files (never the evaluation ones)")
+    qa.add_argument("--qa-windows", type=int, nargs="+", default=[1024], help="windows the queries are built for")
+    qa.add_argument("--qa-questions", type=int, default=4, help="questions of one document per step")
+    qa.add_argument("--qa-answer-tokens", type=int, default=64)
+    qa.add_argument("--qa-weight", type=float, default=1.0)
+    args = vars(parser.parse_args(argv))
+    options = {key: args.pop(key) for key in list(args) if key.startswith("qa")}
+
+    def objectives(trainer):
+        from rag.qa_train import QAObjective
+
+        return [QAObjective(options["qa"], trainer.tokenizer, trainer.config.chunk_size, tuple(options["qa_windows"]),
+                            options["qa_questions"], options["qa_answer_tokens"], options["qa_weight"])]
+
+    return run(args, objectives)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -70,8 +70,8 @@ train: setup
 # Stage 4, the QA stage (rag/qa_train.py), warm-started from stage 3 (books only): each step one book sample (the
 # two-stream loss, so perplexity holds) plus four questions of one QA training document, each read exactly as the
 # hybrid planner builds its query at W = 1024, loss on the reference answer. Training files only: FairytaleQA val,
-# the held-out SQuAD articles and L-Eval stay out. The shipped plug-in is step 124 of a planned 200 (~26 s a step on
-# 2 CPU cores).
+# the held-out SQuAD articles and L-Eval stay out. runs/smollm2-qa holds step 124 of a planned 200 (~26 s a step on
+# 2 CPU cores); it is not the default plug-in (see its model card).
 QA_TRAIN = out/qa/squad_train.jsonl $(QA)/fairytaleqa_train.jsonl $(QA)/qmsum_train.jsonl
 train-qa: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa

@@ -156,8 +156,16 @@ def two_stream_loss(llm, embedder: ExtensibleEmbedder, ids: torch.Tensor, ks: li
     token_embeds = llm.get_input_embeddings()(chunks)
     inputs, (rows, cols), targets = pass_two_batch(outputs.to(token_embeds.dtype), token_embeds, chunks, ks,
                                                    objective, method, recent)
-    # Right padding under a causal mask: no real position ever sees a pad, so no padding mask is needed, and
-    # attention keeps the fast causal kernel instead of the masked one.
+    return padded_batch_loss(llm, inputs, rows, cols, targets)
+
+
+def padded_batch_loss(llm, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                      targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of ``targets`` predicted at positions (rows, cols) of a right-padded batch ``inputs``
+    [N, T, H] through the frozen LLM, with logits only at those positions.
+
+    Right padding under a causal mask: no real position ever sees a pad, so no padding mask is needed, and
+    attention keeps the fast causal kernel instead of the masked one."""
     hidden = llm.get_decoder()(inputs_embeds=inputs, use_cache=False).last_hidden_state
     logits = llm.get_output_embeddings()(hidden[rows.to(hidden.device), cols.to(hidden.device)])
     return F.cross_entropy(logits.float(), targets.to(logits.device))

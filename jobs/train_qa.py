@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     def objectives(trainer):
         from rag.qa_train import QAObjective
 
-        return [QAObjective(options["qa"], trainer.tokenizer, trainer.config.chunk_size, tuple(options["qa_windows"]),
-                            options["qa_questions"], options["qa_answer_tokens"], options["qa_weight"])]
+        return [QAObjective(options["qa"], trainer.tokenizer, tuple(options["qa_windows"]), options["qa_questions"],
+                            options["qa_answer_tokens"], options["qa_weight"])]
 
     return run(args, objectives)
 

@@ -233,10 +233,13 @@ class Library:
     def search(self, question: str, documents: int | None = 2, passages: int = 20) -> list[Source]:
         """The ``documents`` best documents (None: all found) by their best passage among the ``passages`` nearest
         to the question."""
+        return self._search(self._question_vector(question), documents, passages)
+
+    def _question_vector(self, question: str):
         if not question.strip():
             raise UserError("the question is empty")
-        index = self.index  # before the encoder: a missing index fails fast
-        return self._search(self.encoder.encode([question])[0], documents, passages)
+        self.index  # noqa: B018 -- opened before the encoder loads: a missing index fails fast
+        return self.encoder.encode([question])[0]
 
     def _search(self, vector, documents: int | None, passages: int = 20) -> list[Source]:
         hits = self.index.search(vector, passages)
@@ -256,17 +259,14 @@ class Library:
         """Answers from the retrieved documents (or ``sources`` when given) as the planner reads them: by default
         (``hybrid``) the passages nearest to the question as plain tokens, the rest of the documents compressed."""
         start = time.perf_counter()
-        if not question.strip():
-            raise UserError("the question is empty")
-        index = self.index  # before the encoder: a missing index fails fast
-        vector = self.encoder.encode([question])[0]  # once, for the search and for each chunk's relevance
+        vector = self._question_vector(question)  # once, for the search and for each chunk's relevance
         sources = sources if sources is not None else self._search(vector, documents)
         if not sources:
             raise UserError("no document to answer from")
         lm = self.lm
         ordered = sources[::-1]  # the most relevant document nearest to the question
         stored = [self.store.document(s.doc_id) for s in ordered]
-        relevance = [index.chunk_scores(vector, s.doc_id) for s in ordered]
+        relevance = [self.index.chunk_scores(vector, s.doc_id) for s in ordered]
         names = [Path(s.source).name for s in ordered]
         token_ids = [lm.tokenizer(self.store.text(doc.row), add_special_tokens=False)["input_ids"] for doc in stored]
         if any(len(ids) != len(doc) for ids, doc in zip(token_ids, stored)):

@@ -19,10 +19,10 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from extensible.errors import ContextTooLongError, UserError
 from extensible.runtime import ExtensibleLM
+from extensible.training import padded_batch_loss
 
 from .index import make_encoder
 from .library import InMemoryDocument, build_query
@@ -34,14 +34,14 @@ class QAObjective:
 
     name = "qa"
 
-    def __init__(self, files: list[str], tokenizer, chunk_size: int, windows: tuple[int, ...] = (1024,),
+    def __init__(self, files: list[str], tokenizer, windows: tuple[int, ...] = (1024,),
                  questions: int = 4, answer_tokens: int = 64, weight: float = 1.0, strategy: str = "hybrid",
                  max_k: int = 64):
         if questions < 1 or answer_tokens < 2 or weight <= 0:
             raise UserError("--qa-questions must be >= 1, --qa-answer-tokens >= 2 and --qa-weight > 0")
         self.files = [str(Path(f).resolve()) for f in files]
         self.records = [record for f in self.files for record in read_leval(f)]
-        self.tokenizer, self.chunk_size, self.windows = tokenizer, chunk_size, tuple(windows)
+        self.tokenizer, self.windows = tokenizer, tuple(windows)
         self.questions, self.answer_tokens, self.weight = questions, answer_tokens, weight
         self.strategy, self.max_k = strategy, max_k
         self.end = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>",) if t in tokenizer.get_vocab()] or \
@@ -72,7 +72,7 @@ class QAObjective:
         plain = getattr(embedder, "module", embedder)  # under DDP the wrapper runs, the module holds the config
         lm = ExtensibleLM(llm, self.tokenizer, plain, window=window)
         doc = self._document(lm, d)
-        stored = InMemoryDocument.lazy(doc.ids, self.chunk_size, embedder)  # with gradients
+        stored = InMemoryDocument.lazy(doc.ids, lm.chunk_size, embedder)  # with gradients
         record = self.records[d]
         inputs, targets = [], []
         for j in questions:
@@ -94,10 +94,8 @@ class QAObjective:
 
 def answer_loss(llm, inputs: list[torch.Tensor], targets: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
     """Mean next-token loss of each answer (``targets``: first predicting position, answer ids) after its input,
-    all inputs as one right-padded batch (under a causal mask no real position sees a pad)."""
-    batch = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)
-    hidden = llm.get_decoder()(inputs_embeds=batch, use_cache=False).last_hidden_state
+    all inputs as one right-padded batch."""
     rows = torch.cat([torch.full((len(ids),), row) for row, (_, ids) in enumerate(targets)])
     cols = torch.cat([torch.arange(first, first + len(ids)) for first, ids in targets])
-    logits = llm.get_output_embeddings()(hidden[rows.to(hidden.device), cols.to(hidden.device)])
-    return F.cross_entropy(logits.float(), torch.cat([ids for _, ids in targets]).to(logits.device))
+    return padded_batch_loss(llm, torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True), rows, cols,
+                             torch.cat([ids for _, ids in targets]))

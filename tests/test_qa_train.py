@@ -41,7 +41,7 @@ def test_a_sample_is_the_hybrid_query_and_its_loss_the_answer_nll_eval_qa_measur
     record = qa_records(1)[0]
     one.write_text(json.dumps({**record, "instructions": record["instructions"][:1], "outputs": ["rates"],
                                "answers": [["rates"]]}) + "\n")
-    objective = QAObjective([str(one)], tokenizer, 16, windows=(256,), questions=3, answer_tokens=8)
+    objective = QAObjective([str(one)], tokenizer, windows=(256,), questions=3, answer_tokens=8)
     loss = objective.loss(llm, embedder)
     loss.backward()
     assert all(p.grad is None for p in llm.parameters())  # the LLM stays frozen: only the embedder learns
@@ -62,9 +62,9 @@ def test_a_sample_is_the_hybrid_query_and_its_loss_the_answer_nll_eval_qa_measur
     assert set(stored.encoded) == compressed and len(compressed) < stored.num_chunks  # raw chunks never encoded
     long = tmp_path / "long.jsonl"  # a question longer than the window is skipped, as eval-qa skips it
     long.write_text(json.dumps({**record, "instructions": ["why? " * 100], "outputs": ["x"], "answers": [["x"]]}) + "\n")
-    assert QAObjective([str(long)], tokenizer, 16, windows=(256,), answer_tokens=8).loss(llm, embedder).item() == 0
+    assert QAObjective([str(long)], tokenizer, windows=(256,), answer_tokens=8).loss(llm, embedder).item() == 0
     with pytest.raises(UserError, match="qa-questions"):
-        QAObjective([str(one)], tokenizer, 16, questions=0)
+        QAObjective([str(one)], tokenizer, questions=0)
 
 
 def train_config(tiny_path, tmp_path, out, **overrides):
@@ -77,7 +77,7 @@ def train_config(tiny_path, tmp_path, out, **overrides):
 
 def test_the_qa_stage_resumes_exactly_and_refuses_other_qa_settings(tiny_path, qa_path, tmp_path):
     def objectives(questions):
-        return lambda trainer: [QAObjective([str(qa_path)], trainer.tokenizer, 16, (256,), questions, 8)]
+        return lambda trainer: [QAObjective([str(qa_path)], trainer.tokenizer, (256,), questions, 8)]
 
     straight = Trainer(train_config(tiny_path, tmp_path, tmp_path / "a"), progress=False, objectives=objectives(2))
     summary = straight.train()

@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     qa = sub.add_parser("eval-qa", help="QA on L-Eval-format files: window vs extensible embeddings")
     qa.add_argument("--data", nargs="+", required=True, help="L-Eval .jsonl files")
     qa.add_argument("--methods", default="window,rag,hybrid", help="comma-separated: window, full, rag, hybrid, "
-                    "ext:adaptive, ext:graded, ext:K")
+                    "foreign (hybrid's plan read with another document's compressed rows: a control), ext:adaptive, "
+                    "ext:graded, ext:K")
     qa.add_argument("--limit", type=_positive, default=None,
                     help="questions per file, spread over its documents and over each document's questions")
     qa.add_argument("--max-new-tokens", type=_positive, default=64, help="answer length (and the reference tokens scored)")

@@ -10,6 +10,11 @@ Methods, the same questions for each; every input is built by the library's own 
   plain tokens, in document order, while they fit;
 * ``hybrid``: what the library's default planner reads: rag's passages raw, the rest of the document compressed in
   the slots they leave;
+* ``foreign``: a control for ``hybrid`` -- the same plan and the same raw passages, but every chunk read compressed
+  holds the rows of a chunk of *another* document of the file (the next one), down-scaled at the same k
+  (``ForeignRows``). When answers are as likely as with ``hybrid``, what hybrid gains over rag is a learned prompt,
+  not content read from the compressed chunks; ``hybrid - foreign`` is what the content adds. Needs files of two or
+  more documents;
 * ``ext:adaptive`` / ``ext:graded``: the planner's other strategies on the whole document;
 * ``ext:K``: the runtime's layout at a fixed k (oldest chunks compressed, most recent document tokens raw), as
   ``extemb generate`` reads a file.
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from extensible.downscale import num_kept
 from extensible.errors import ContextTooLongError, UserError
 from extensible.evaluate import bootstrap_interval, parse_methods
 
@@ -118,7 +124,7 @@ def read_leval(path: str | Path) -> list[dict]:
 
 
 def parse_qa_methods(text: str) -> list[str]:
-    return parse_methods(text, base=("window", "full", "rag", "hybrid"), named_ext=("adaptive", "graded"))
+    return parse_methods(text, base=("window", "full", "rag", "hybrid", "foreign"), named_ext=("adaptive", "graded"))
 
 
 def spread_questions(counts: list[int], limit: int | None) -> list[tuple[int, int]]:
@@ -157,12 +163,42 @@ class EvalDocument:
         self.stored = InMemoryDocument.lazy(self.ids, lm.chunk_size, lm.embedder)
         self._passages = None
         self.prefix = None  # (cache, prompt) of the full-attention input up to the question
+        self.donor: EvalDocument | None = None  # another document of the file, whose rows ``foreign`` reads
 
     def relevance(self, question: str) -> dict[int, float]:
         if self._passages is None:
             chunks, spans = self.encoder.passages(self.text, self.char_offsets)
             self._passages = chunks, self.encoder.encode([self.text[a:b] for a, b in spans])
         return chunk_relevance(*self._passages, self.encoder.encode([question])[0])
+
+
+class ForeignRows:
+    """Reads like ``document`` -- the same chunks and lengths, so the planner makes the same plan -- but a chunk read
+    compressed holds the rows of a whole chunk of ``donor`` (chunk c takes the donor's c mod n-th), down-scaled at
+    the same k and cut to the rows c's own length keeps. The ``foreign`` control of eval-qa."""
+
+    def __init__(self, document, donor):
+        self.document, self.donor, self.chunk_size = document, donor, document.chunk_size
+        self.whole = [c for c in range(donor.num_chunks) if donor.chunk_length(c) == donor.chunk_size]
+        if not self.whole:
+            raise UserError(f"foreign: the donor document ({len(donor)} tokens) is shorter than one chunk")
+
+    def __len__(self) -> int:
+        return len(self.document)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.document.num_chunks
+
+    def chunk_length(self, chunk: int) -> int:
+        return self.document.chunk_length(chunk)
+
+    def downscaled_chunks(self, ks: dict[int, int], method: str = "strided", seed: int = 0) -> dict:
+        rows = {}
+        for c, k in ks.items():  # one read per chunk: two chunks may take the same donor chunk at different k
+            taken = self.whole[c % len(self.whole)]
+            rows[c] = self.donor.downscaled_chunks({taken: k}, method, seed)[taken][: num_kept(self.chunk_length(c), k)]
+        return rows
 
 
 class QAEvaluation:
@@ -180,6 +216,13 @@ class QAEvaluation:
             with torch.no_grad():  # the chunks it reads compressed are encoded here, each once per document
                 query = build_query(lm, question, [doc.stored], [doc.relevance(question)], None, [doc.ids],
                                     PLANNED[method], self.max_new_tokens)
+            return query.embeds, {"chunk_ks": {str(c): k for c, k in query.chunk_ks[0].items()}}
+        if method == "foreign":
+            if doc.donor is None:
+                raise UserError("foreign needs another document to read: set the document's donor")
+            with torch.no_grad():
+                query = build_query(lm, question, [ForeignRows(doc.stored, doc.donor.stored)],
+                                    [doc.relevance(question)], None, [doc.ids], "hybrid", self.max_new_tokens)
             return query.embeds, {"chunk_ks": {str(c): k for c, k in query.chunk_ks[0].items()}}
         raise UserError(f"method {method!r} has no composed input")
 
@@ -285,8 +328,15 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
         for file in files:
             task = Path(file).stem
             records = read_leval(file)
+            if "foreign" in methods and len(records) < 2:
+                raise UserError(f"{file} holds one document; the foreign control reads another one's rows")
             chosen = spread_questions([len(r["instructions"]) for r in records], limit)
-            doc, doc_index = None, None
+            doc, doc_index, made = None, None, {}
+
+            def document(i: int) -> EvalDocument:  # each made once while in use: a document is the next one's donor
+                if i not in made:
+                    made[i] = EvalDocument(lm, evaluation.encoder, records[i]["input"])
+                return made[i]
             for d, j in tqdm(chosen, desc=task, disable=not progress):
                 question, references = records[d]["instructions"][j], records[d]["references"][j]
                 for method in methods:
@@ -294,7 +344,11 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
                         records_out.append(done[(task, d, j, method)])
                         continue
                     if d != doc_index:  # questions come sorted by document: one encoding and cache per document
-                        doc, doc_index = EvalDocument(lm, evaluation.encoder, records[d]["input"]), d
+                        donor = (d + 1) % len(records)
+                        made = {i: made[i] for i in made if i in (d, donor)}
+                        doc, doc_index = document(d), d
+                        if "foreign" in methods:
+                            doc.donor = document(donor)
                     record = evaluation.record(method, doc, question, references, generate)
                     record.update(task=task, document=d, question_index=j, **settings)
                     records_out.append(record)
@@ -374,6 +428,13 @@ def qa_markdown(rows: list[dict], records: list[dict]) -> str:
             for task, (n, mean, low, high) in sorted(paired_differences(records, method, anchor).items(),
                                                      key=lambda item: (item[0] == "all", item[0])):
                 lines.append(f"| {method} | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+    if "hybrid" in methods and "foreign" in methods:
+        lines += ["", "`hybrid` minus `foreign` (the same plan, another document's compressed rows): what the compressed "
+                  "content itself adds (negative = it helps):", "",
+                  "| method | task | n | difference | 95% interval |", "|---|---|---:|---:|---|"]
+        for task, (n, mean, low, high) in sorted(paired_differences(records, "hybrid", "foreign").items(),
+                                                 key=lambda item: (item[0] == "all", item[0])):
+            lines.append(f"| hybrid | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
     places = sorted({r["answer_read"] for r in records if r["method"] == "rag" and "answer_read" in r})
     if "hybrid" in methods and places:  # does the compressed context help where rag's passages miss the answer?
         lines += ["", "`hybrid` minus `rag` by where `rag`'s input held the answer (a chunk holding a reference verbatim "

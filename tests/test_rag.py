@@ -21,8 +21,8 @@ from rag.index import PassageIndex, build_index
 from rag.langchain import ChatExtensible, ExtensibleLLM, StoreRetriever
 from rag.library import InMemoryDocument, Library, build_query, generate_answer
 from rag.plan import Unit, plan
-from rag.qa_eval import (EvalDocument, QAEvaluation, answer_chunks, answer_read, evaluate_qa, exact_match,
-                         qa_markdown, read_leval, rouge_l, spread_questions, token_f1)
+from rag.qa_eval import (EvalDocument, ForeignRows, QAEvaluation, answer_chunks, answer_read, evaluate_qa,
+                         exact_match, qa_markdown, read_leval, rouge_l, spread_questions, token_f1)
 from storage.store import Store
 
 from .conftest import save_tiny
@@ -370,3 +370,34 @@ def test_eval_qa_skips_and_counts_a_question_longer_than_the_window_and_reads_a_
     by = {r["method"]: r for r in rows if r["task"] == "bank_qa"}
     assert by["rag"]["n"] == 1 and by["rag"]["skipped"] == 1 and by["hybrid"]["skipped"] == 1
     assert [r["chunk_ks"] for r in records if "chunk_ks" in r] == [{"0": 1}, {"0": 1}]  # shorter than one chunk: raw
+
+
+def test_foreign_reads_hybrids_plan_with_another_documents_compressed_rows(lm, tmp_path):
+    first = {"input": document(1, "bank") + document(2, "volcano") + "The end.", "instructions": ["What flowed?"],
+             "outputs": ["lava"]}
+    second = {"input": document(3, "football") + document(4, "bank"), "instructions": ["Who cheered?"],
+              "outputs": ["the fans"]}
+    data = qa_file(tmp_path, [first, second])
+    rows, records = evaluate_qa(lm, [data], ["hybrid", "foreign"], max_new_tokens=4, generate=False, progress=False)
+    by = {(r["document"], r["method"]): r for r in records}
+    for d in (0, 1):  # the same plan (raw passages and k per chunk), other rows where it compresses
+        assert by[(d, "foreign")]["chunk_ks"] == by[(d, "hybrid")]["chunk_ks"]
+        assert any(k > 1 for k in by[(d, "hybrid")]["chunk_ks"].values())
+        assert by[(d, "foreign")]["answer_nll"] > 0
+    assert "`hybrid` minus `foreign`" in qa_markdown(rows, records)
+
+    evaluation = QAEvaluation(lm, max_new_tokens=4)
+    doc, donor = (EvalDocument(lm, evaluation.encoder, r["input"]) for r in (first, second))
+    doc.donor = donor
+    own, _ = evaluation.query("hybrid", doc, "What flowed?")
+    other, _ = evaluation.query("foreign", doc, "What flowed?")
+    same = (own == other).all(dim=-1)[0]  # positions holding the same vector: template, question and raw passages
+    assert own.shape == other.shape and same.sum() > 0 and not same.all()
+    foreign = ForeignRows(doc.stored, donor.stored)
+    got, want = foreign.downscaled_chunks({0: 4, 1: 16}), donor.stored.downscaled_chunks({0: 4, 1: 16})
+    assert all(torch.equal(got[c], want[c]) for c in (0, 1))  # chunk c holds the donor's chunk c, at its own k
+    last = doc.stored.num_chunks - 1  # a last partial chunk gets the rows its own length keeps
+    assert doc.stored.chunk_length(last) < doc.stored.chunk_size
+    assert len(foreign.downscaled_chunks({last: 4})[last]) == num_kept(doc.stored.chunk_length(last), 4)
+    with pytest.raises(UserError, match="holds one document"):
+        evaluate_qa(lm, [qa_file(tmp_path, [first], "one.jsonl")], ["foreign"], generate=False, progress=False)

@@ -332,11 +332,6 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
                 raise UserError(f"{file} holds one document; the foreign control reads another one's rows")
             chosen = spread_questions([len(r["instructions"]) for r in records], limit)
             doc, doc_index, made = None, None, {}
-
-            def document(i: int) -> EvalDocument:  # each made once while in use: a document is the next one's donor
-                if i not in made:
-                    made[i] = EvalDocument(lm, evaluation.encoder, records[i]["input"])
-                return made[i]
             for d, j in tqdm(chosen, desc=task, disable=not progress):
                 question, references = records[d]["instructions"][j], records[d]["references"][j]
                 for method in methods:
@@ -344,11 +339,12 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
                         records_out.append(done[(task, d, j, method)])
                         continue
                     if d != doc_index:  # questions come sorted by document: one encoding and cache per document
-                        donor = (d + 1) % len(records)
-                        made = {i: made[i] for i in made if i in (d, donor)}
-                        doc, doc_index = document(d), d
-                        if "foreign" in methods:
-                            doc.donor = document(donor)
+                        # (foreign's donor is the next document, made once for both roles)
+                        wanted = [d, (d + 1) % len(records)] if "foreign" in methods else [d]
+                        made = {i: made.get(i) or EvalDocument(lm, evaluation.encoder, records[i]["input"])
+                                for i in wanted}
+                        doc, doc_index = made[d], d
+                        doc.donor = made[wanted[-1]] if "foreign" in methods else None
                     record = evaluation.record(method, doc, question, references, generate)
                     record.update(task=task, document=d, question_index=j, **settings)
                     records_out.append(record)

@@ -212,17 +212,15 @@ class QAEvaluation:
         if method == "window":
             prompt = Prompt(lm, question, None, 1, self.max_new_tokens)
             return lm.compose(prompt.segments([[torch.tensor(truncate_middle(doc.ids, prompt.budget))]])), {}
-        if method in PLANNED:
+        if method in PLANNED or method == "foreign":
+            document, strategy = doc.stored, PLANNED.get(method, "hybrid")
+            if method == "foreign":  # hybrid's plan, another document's compressed rows
+                if doc.donor is None:
+                    raise UserError("foreign needs another document to read: set the document's donor")
+                document = ForeignRows(doc.stored, doc.donor.stored)
             with torch.no_grad():  # the chunks it reads compressed are encoded here, each once per document
-                query = build_query(lm, question, [doc.stored], [doc.relevance(question)], None, [doc.ids],
-                                    PLANNED[method], self.max_new_tokens)
-            return query.embeds, {"chunk_ks": {str(c): k for c, k in query.chunk_ks[0].items()}}
-        if method == "foreign":
-            if doc.donor is None:
-                raise UserError("foreign needs another document to read: set the document's donor")
-            with torch.no_grad():
-                query = build_query(lm, question, [ForeignRows(doc.stored, doc.donor.stored)],
-                                    [doc.relevance(question)], None, [doc.ids], "hybrid", self.max_new_tokens)
+                query = build_query(lm, question, [document], [doc.relevance(question)], None, [doc.ids], strategy,
+                                    self.max_new_tokens)
             return query.embeds, {"chunk_ks": {str(c): k for c, k in query.chunk_ks[0].items()}}
         raise UserError(f"method {method!r} has no composed input")
 
@@ -404,6 +402,12 @@ def paired_differences(records: list[dict], method: str, anchor: str, metric: st
     return out
 
 
+def _difference_rows(label: str, differences: dict[str, tuple]) -> list[str]:
+    """Table rows of ``paired_differences``, the files first and their average (``all``) last."""
+    return [f"| {label} | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |"
+            for task, (n, mean, low, high) in sorted(differences.items(), key=lambda item: (item[0] == "all", item[0]))]
+
+
 def qa_markdown(rows: list[dict], records: list[dict]) -> str:
     lines = ["| task | method | n | answer NLL | F1 | EM | ROUGE-L | s / question |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -421,25 +425,19 @@ def qa_markdown(rows: list[dict], records: list[dict]) -> str:
         for method in methods:
             if method == anchor:
                 continue
-            for task, (n, mean, low, high) in sorted(paired_differences(records, method, anchor).items(),
-                                                     key=lambda item: (item[0] == "all", item[0])):
-                lines.append(f"| {method} | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+            lines += _difference_rows(method, paired_differences(records, method, anchor))
     if "hybrid" in methods and "foreign" in methods:
         lines += ["", "`hybrid` minus `foreign` (the same plan, another document's compressed rows): what the compressed "
                   "content itself adds (negative = it helps):", "",
                   "| method | task | n | difference | 95% interval |", "|---|---|---:|---:|---|"]
-        for task, (n, mean, low, high) in sorted(paired_differences(records, "hybrid", "foreign").items(),
-                                                 key=lambda item: (item[0] == "all", item[0])):
-            lines.append(f"| hybrid | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+        lines += _difference_rows("hybrid", paired_differences(records, "hybrid", "foreign"))
     places = sorted({r["answer_read"] for r in records if r["method"] == "rag" and "answer_read" in r})
     if "hybrid" in methods and places:  # does the compressed context help where rag's passages miss the answer?
         lines += ["", "`hybrid` minus `rag` by where `rag`'s input held the answer (a chunk holding a reference verbatim "
                   "read raw, or left out -- then `hybrid` reads it compressed if it fits):", "",
                   "| rag held the answer | task | n | difference | 95% interval |", "|---|---|---:|---:|---|"]
         for place in places:
-            for task, (n, mean, low, high) in sorted(paired_differences(records, "hybrid", "rag", where=place).items(),
-                                                     key=lambda item: (item[0] == "all", item[0])):
-                lines.append(f"| {place} | {task} | {n} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+            lines += _difference_rows(place, paired_differences(records, "hybrid", "rag", where=place))
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,8 @@ preceding tokens. r = 0 is the paper's objective.
 
 Extra objectives (``Trainer(..., objectives=lambda trainer: [...])``) add their loss to every step's book loss:
 objects with a ``name``, ``settings()`` (recorded in the checkpoint; a resume must agree) and ``loss(llm, embedder)``
-drawing samples with the ``random`` module, whose state the checkpoint keeps -- e.g. ``rag.qa_train.QAObjective``,
+drawing samples with the ``random`` module, whose state the checkpoint keeps, and optionally ``metrics`` (a dict of
+the last loss's measurements, logged beside it) -- e.g. ``rag.qa_train.QAObjective``,
 whose samples are the library's own QA queries. The core knows nothing of them.
 
 Ablation objectives (``objective``): ``autoencode`` (chunk i's tokens from its own embeddings) and ``continuation``
@@ -160,15 +161,15 @@ def two_stream_loss(llm, embedder: ExtensibleEmbedder, ids: torch.Tensor, ks: li
 
 
 def padded_batch_loss(llm, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                      targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of ``targets`` predicted at positions (rows, cols) of a right-padded batch ``inputs``
-    [N, T, H] through the frozen LLM, with logits only at those positions.
+                      targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss of ``targets`` predicted at positions (rows, cols) of a right-padded batch ``inputs``
+    [N, T, H] through the frozen LLM, with logits only at those positions: their mean, or each (``"none"``).
 
     Right padding under a causal mask: no real position ever sees a pad, so no padding mask is needed, and
     attention keeps the fast causal kernel instead of the masked one."""
     hidden = llm.get_decoder()(inputs_embeds=inputs, use_cache=False).last_hidden_state
     logits = llm.get_output_embeddings()(hidden[rows.to(hidden.device), cols.to(hidden.device)])
-    return F.cross_entropy(logits.float(), targets.to(logits.device))
+    return F.cross_entropy(logits.float(), targets.to(logits.device), reduction=reduction)
 
 
 def _rng_state() -> dict:
@@ -328,6 +329,9 @@ class Trainer:
                 total += loss.item() / config.grad_accum
                 for name, part in losses.items():
                     parts[f"loss_{name}"] = parts.get(f"loss_{name}", 0.0) + part.item() / config.grad_accum
+                for o in self.objectives:  # what an objective measures beside its loss (e.g. qa_own_minus_foreign)
+                    for key, value in getattr(o, "metrics", {}).items():
+                        parts[f"{o.name}_{key}"] = parts.get(f"{o.name}_{key}", 0.0) + value / config.grad_accum
             self.step += 1
             seconds = time.perf_counter() - start
             last = {"loss": total, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,

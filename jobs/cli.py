@@ -169,7 +169,7 @@ def cmd_ask(args) -> None:
     library = Library(args.store, encoder=args.encoder, model=args.model, plugin=args.plugin, window=args.window)
     for question in args.question:
         answer = library.answer(question, documents=args.documents, strategy=args.strategy,
-                                max_new_tokens=args.max_new_tokens)
+                                max_new_tokens=args.max_new_tokens, max_k=args.max_k)
         _print_answer(answer, args.json)
 
 
@@ -183,7 +183,7 @@ def cmd_eval_qa(args) -> None:
         journal.parent.mkdir(parents=True, exist_ok=True)
         journal.write_text("")
     rows, records = evaluate_qa(lm, args.data, methods, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                                generate=not args.no_generate, journal=journal)
+                                generate=not args.no_generate, journal=journal, max_k=args.max_k)
     report = qa_markdown(rows, records)
     print(report)
     if args.json:
@@ -191,6 +191,10 @@ def cmd_eval_qa(args) -> None:
         journal.write_text("".join(json.dumps(r) + "\n" for r in records))  # this run's records only
         plot_qa(rows, out.with_suffix(".png"), f"window {lm.window}, chunk {lm.chunk_size}")
         print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} and the questions beside them")
+
+
+MAX_K_HELP = ("the planner's coarsest k (default 64): hybrid reads the chunks left beside the raw passages at this k, "
+              "the most relevant first while they fit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)
+    ask.add_argument("--max-k", type=_positive, default=64, help=MAX_K_HELP)
     ask.add_argument("--model", help="HF causal LM the store was built with (default: the embedded SmolLM2)")
     ask.add_argument("--plugin", help="plug-in the store was built with (default: the shipped one)")
     ask.add_argument("--json", action="store_true")
@@ -267,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="questions per file, spread over its documents and over each document's questions")
     qa.add_argument("--max-new-tokens", type=_positive, default=64, help="answer length (and the reference tokens scored)")
     qa.add_argument("--no-generate", action="store_true", help="answer NLL only: no generation, no F1/EM/ROUGE-L")
+    qa.add_argument("--max-k", type=_positive, default=64, help=MAX_K_HELP)
     qa.add_argument("--json", help="write the rows here (a .md table, a .png plot and every question beside it, "
                     "the questions as they are answered)")
     qa.add_argument("--resume", action="store_true", help="reuse the answered questions that --json's .questions.jsonl "

@@ -202,8 +202,8 @@ class ForeignRows:
 
 
 class QAEvaluation:
-    def __init__(self, lm, max_new_tokens: int = 64):
-        self.lm, self.max_new_tokens = lm, max_new_tokens
+    def __init__(self, lm, max_new_tokens: int = 64, max_k: int = 64):
+        self.lm, self.max_new_tokens, self.max_k = lm, max_new_tokens, max_k
         self.encoder = make_encoder("minilm")  # the library's default retriever
 
     def query(self, method: str, doc: EvalDocument, question: str):
@@ -220,7 +220,7 @@ class QAEvaluation:
                 document = ForeignRows(doc.stored, doc.donor.stored)
             with torch.no_grad():  # the chunks it reads compressed are encoded here, each once per document
                 query = build_query(lm, question, [document], [doc.relevance(question)], None, [doc.ids], strategy,
-                                    self.max_new_tokens)
+                                    self.max_new_tokens, self.max_k)
             return query.embeds, {"chunk_ks": {str(c): k for c, k in query.chunk_ks[0].items()}}
         raise UserError(f"method {method!r} has no composed input")
 
@@ -309,14 +309,15 @@ def read_journal(path: Path | None, settings: dict) -> dict[tuple, dict]:
 
 
 def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = None, max_new_tokens: int = 64,
-                generate: bool = True, progress: bool = True, journal: str | Path | None = None) -> tuple[list[dict], list[dict]]:
+                generate: bool = True, progress: bool = True, journal: str | Path | None = None,
+                max_k: int = 64) -> tuple[list[dict], list[dict]]:
     """Rows {method, task, n, f1, em, rougeL, answer_nll, seconds, skipped} per file and method (plus a ``task: all``
     row per method: the average over files), and one record per question and method.
 
     With ``journal``, every record is appended to that .jsonl file as soon as it is made, and the records it already
     holds from a run with the same settings are reused: a killed evaluation resumes where it stopped."""
-    evaluation = QAEvaluation(lm, max_new_tokens)
-    settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate,
+    evaluation = QAEvaluation(lm, max_new_tokens, max_k)
+    settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate, "max_k": max_k,
                 **runtime_fingerprints(lm)}  # a resumed run reuses only records of this LLM, plug-in and window
     journal = Path(journal) if journal else None
     done = read_journal(journal, settings)

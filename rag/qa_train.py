@@ -11,6 +11,15 @@ The embedder runs, with gradients, only on the chunks some query reads compresse
 tokenised and its passages ranked once, and all the questions of a step share its chunks' encodings. Used by
 ``jobs.train_qa`` as an extra objective of ``extensible.training.Trainer``, beside the book loss that keeps
 perplexity from regressing.
+
+The answer loss alone can be met without reading: embeddings that, whatever chunk they come from, make the frozen
+LLM expect answers in the references' style (a learned prompt; eval-qa's ``foreign`` control measures it). With
+``contrast`` > 0 each question is also read as ``foreign`` reads it -- the same plan, the compressed chunks holding
+the rows of another document of the same file, encoded with gradients too -- and a hinge
+``contrast * max(0, margin + nll(own) - nll(foreign))`` asks the document's own rows to beat them: any change that
+helps both readings alike (a prompt) cancels in the difference, so only content can meet it. With ``left_out`` the
+step's questions are drawn, where the document has them, among those whose answer rag's input leaves out (the
+chunks holding a reference verbatim not read raw): the questions where only the compressed chunks can hold it.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from extensible.training import padded_batch_loss
 
 from .index import make_encoder
 from .library import InMemoryDocument, build_query
-from .qa_eval import EvalDocument, read_leval
+from .qa_eval import EvalDocument, ForeignRows, answer_read, read_leval
 
 
 class QAObjective:
@@ -36,11 +45,18 @@ class QAObjective:
 
     def __init__(self, files: list[str], tokenizer, windows: tuple[int, ...] = (1024,),
                  questions: int = 4, answer_tokens: int = 64, weight: float = 1.0, strategy: str = "hybrid",
-                 max_k: int = 64):
-        if questions < 1 or answer_tokens < 2 or weight <= 0:
-            raise UserError("--qa-questions must be >= 1, --qa-answer-tokens >= 2 and --qa-weight > 0")
+                 max_k: int = 64, contrast: float = 0.0, margin: float = 0.1, left_out: bool = False):
+        if questions < 1 or answer_tokens < 2 or weight <= 0 or contrast < 0:
+            raise UserError("--qa-questions must be >= 1, --qa-answer-tokens >= 2, --qa-weight > 0 and "
+                            "--qa-contrast >= 0")
         self.files = [str(Path(f).resolve()) for f in files]
-        self.records = [record for f in self.files for record in read_leval(f)]
+        per_file = [read_leval(f) for f in self.files]
+        self.records = [record for records in per_file for record in records]
+        self.file_of = [i for i, records in enumerate(per_file) for _ in records]
+        if contrast and any(len(records) < 2 for records in per_file):
+            raise UserError("--qa-contrast reads another document of the same file: every --qa file needs two or more")
+        self.contrast, self.margin, self.left_out = contrast, margin, left_out
+        self.metrics: dict[str, float] = {}  # of the last step, logged beside the loss
         self.tokenizer, self.windows = tokenizer, tuple(windows)
         self.questions, self.answer_tokens, self.weight = questions, answer_tokens, weight
         self.strategy, self.max_k = strategy, max_k
@@ -50,9 +66,12 @@ class QAObjective:
         self._encoder = None
 
     def settings(self) -> dict:
-        return {"files": self.files, "windows": list(self.windows), "questions": self.questions,
-                "answer_tokens": self.answer_tokens, "weight": self.weight, "strategy": self.strategy,
-                "max_k": self.max_k}
+        settings = {"files": self.files, "windows": list(self.windows), "questions": self.questions,
+                    "answer_tokens": self.answer_tokens, "weight": self.weight, "strategy": self.strategy,
+                    "max_k": self.max_k}
+        if self.contrast or self.left_out:  # only when used: runs from before these options still resume
+            settings.update(contrast=self.contrast, margin=self.margin, left_out=self.left_out)
+        return settings
 
     def _document(self, lm: ExtensibleLM, d: int) -> EvalDocument:
         if d not in self._documents:
@@ -61,41 +80,84 @@ class QAObjective:
             self._documents[d] = EvalDocument(lm, self._encoder, self.records[d]["input"])
         return self._documents[d]
 
-    def draw(self) -> tuple[int, list[int], int]:
-        """(document, questions, window) of the next sample, from the ``random`` module (checkpointed)."""
+    def draw(self) -> tuple[int, list[int], int, int | None]:
+        """(document, candidate questions in draw order, window, donor document or None) of the next sample, from
+        the ``random`` module (checkpointed). The donor is another document of the same file."""
         d = random.randrange(len(self.records))
         count = len(self.records[d]["instructions"])
-        return d, sorted(random.sample(range(count), min(self.questions, count))), random.choice(self.windows)
+        candidates = random.sample(range(count), count if self.left_out else min(self.questions, count))
+        window = random.choice(self.windows)
+        donors = [e for e in range(len(self.records)) if self.file_of[e] == self.file_of[d] and e != d]
+        return d, candidates, window, (random.choice(donors) if self.contrast else None)
+
+    def _questions(self, lm, doc: EvalDocument, d: int, candidates: list[int]) -> list[int]:
+        """The step's questions: the first candidates, or with ``left_out`` those whose answer rag's input leaves out
+        first (rag's plan reads raw tokens only: nothing is encoded to know it)."""
+        if not self.left_out:
+            return sorted(candidates)
+        record, chosen = self.records[d], []
+        for j in candidates:
+            try:
+                rag = build_query(lm, record["instructions"][j], [doc.stored], [doc.relevance(record["instructions"][j])],
+                                  None, [doc.ids], "rag", self.answer_tokens, self.max_k)
+            except ContextTooLongError:
+                continue
+            if answer_read(doc, record["references"][j], {str(c): k for c, k in rag.chunk_ks[0].items()}) == "left out":
+                chosen.append(j)
+                if len(chosen) == self.questions:
+                    break
+        rest = [j for j in candidates if j not in chosen]
+        return sorted(chosen + rest[: self.questions - len(chosen)])
+
+    def _donor(self, lm, embedder, stored: InMemoryDocument, e: int | None):
+        """The document read as ``foreign`` reads it, with rows of document ``e`` (None: no contrast, or ``e`` is
+        shorter than one chunk)."""
+        if e is None or len(self._document(lm, e).ids) < lm.chunk_size:
+            return None
+        return ForeignRows(stored, InMemoryDocument.lazy(self._document(lm, e).ids, lm.chunk_size, embedder))
 
     def loss(self, llm, embedder) -> torch.Tensor:
-        d, questions, window = self.draw()
+        d, candidates, window, donor = self.draw()
         plain = getattr(embedder, "module", embedder)  # under DDP the wrapper runs, the module holds the config
         lm = ExtensibleLM(llm, self.tokenizer, plain, window=window)
         doc = self._document(lm, d)
         stored = InMemoryDocument.lazy(doc.ids, lm.chunk_size, embedder)  # with gradients
+        readings = [stored] + [r for r in [self._donor(lm, embedder, stored, donor)] if r is not None]
         record = self.records[d]
         inputs, targets = [], []
-        for j in questions:
-            try:
-                query = build_query(lm, record["instructions"][j], [stored],
-                                    [doc.relevance(record["instructions"][j])], None, [doc.ids], self.strategy,
-                                    self.answer_tokens, self.max_k)
+        for j in self._questions(lm, doc, d, candidates):
+            question = record["instructions"][j]
+            try:  # own reading first, then foreign's: the same plan, so both fit or neither
+                queries = [build_query(lm, question, [reading], [doc.relevance(question)], None, [doc.ids],
+                                       self.strategy, self.answer_tokens, self.max_k) for reading in readings]
             except ContextTooLongError:  # a question longer than the window: eval-qa skips it too
                 continue
             answer = self.tokenizer(random.choice(record["references"][j]), add_special_tokens=False)["input_ids"]
-            answer = answer[: self.answer_tokens - len(self.end)] + self.end
-            inputs.append(torch.cat([query.embeds[0], llm.get_input_embeddings()(
-                torch.tensor(answer[:-1], device=llm.device)).to(query.embeds.dtype)]))
-            targets.append((query.positions - 1, torch.tensor(answer)))
+            answer = torch.tensor(answer[: self.answer_tokens - len(self.end)] + self.end)
+            for query in queries:
+                inputs.append(torch.cat([query.embeds[0], llm.get_input_embeddings()(
+                    answer[:-1].to(llm.device)).to(query.embeds.dtype)]))
+                targets.append((query.positions - 1, answer))
         if not inputs:
             return torch.zeros((), device=llm.device)
-        return self.weight * answer_loss(llm, inputs, targets)
+        nll = answer_nll(llm, inputs, targets)  # per input: mean over its answer tokens
+        lengths = torch.tensor([len(ids) for _, ids in targets], dtype=nll.dtype, device=nll.device)
+        own = slice(0, None, len(readings))
+        loss = self.weight * (nll[own] * lengths[own]).sum() / lengths[own].sum()  # per answer token, as eval-qa
+        self.metrics = {"own": loss.item() / self.weight}
+        if len(readings) == 2:
+            gap = nll[0::2] - nll[1::2]  # own - foreign: what the document's content adds (negative = it helps)
+            loss = loss + self.contrast * torch.relu(self.margin + gap).mean()
+            self.metrics["own_minus_foreign"] = gap.mean().item()
+        return loss
 
 
-def answer_loss(llm, inputs: list[torch.Tensor], targets: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """Mean next-token loss of each answer (``targets``: first predicting position, answer ids) after its input,
-    all inputs as one right-padded batch."""
+def answer_nll(llm, inputs: list[torch.Tensor], targets: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Per input, the mean next-token loss of its answer (``targets``: first predicting position, answer ids), all
+    inputs as one right-padded batch."""
     rows = torch.cat([torch.full((len(ids),), row) for row, (_, ids) in enumerate(targets)])
     cols = torch.cat([torch.arange(first, first + len(ids)) for first, ids in targets])
-    return padded_batch_loss(llm, torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True), rows, cols,
-                             torch.cat([ids for _, ids in targets]))
+    losses = padded_batch_loss(llm, torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True), rows, cols,
+                               torch.cat([ids for _, ids in targets]), reduction="none")
+    sums = torch.zeros(len(targets), dtype=losses.dtype, device=losses.device).index_add(0, rows.to(losses.device), losses)
+    return sums / torch.tensor([len(ids) for _, ids in targets], dtype=losses.dtype, device=losses.device)

@@ -1,5 +1,7 @@
 """The QA training stage on a tiny random Llama with the real all-MiniLM-L6-v2: its samples are the library's hybrid
-queries, its loss is the answer NLL eval-qa measures, only compressed chunks are encoded, and resume is exact."""
+queries, its loss is the answer NLL eval-qa measures (with ``contrast``, plus a hinge on eval-qa's hybrid - foreign),
+only compressed chunks are encoded, ``left_out`` draws the questions rag cannot answer from its passages, and resume
+is exact."""
 
 import json
 
@@ -11,7 +13,7 @@ from safetensors.torch import load_file
 from extensible import EmbedderConfig, ExtensibleEmbedder, ExtensibleLM, UserError
 from extensible.training import TrainConfig, Trainer
 from jobs.train_qa import main as train_qa
-from rag.qa_eval import EvalDocument, QAEvaluation
+from rag.qa_eval import EvalDocument, QAEvaluation, answer_read
 from rag.library import InMemoryDocument
 from rag.qa_train import QAObjective
 
@@ -100,3 +102,68 @@ def test_the_qa_stage_resumes_exactly_and_refuses_other_qa_settings(tiny_path, q
     recorded = json.loads((tmp_path / "cli" / "checkpoint" / "train_config.json").read_text())
     assert recorded["objectives"]["qa"]["questions"] == 1
     assert train_qa([*args[:-8], "--qa", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_contrast_adds_the_hinge_on_hybrid_minus_foreign_as_eval_qa_measures_them(tiny, qa_path):
+    llm, tokenizer = tiny
+    embedder = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16))
+    objective = QAObjective([str(qa_path)], tokenizer, windows=(256,), questions=2, answer_tokens=8, contrast=2.0,
+                            margin=0.5)
+    loss = objective.loss(llm, embedder)
+    loss.backward()
+    assert all(p.grad is None for p in llm.parameters())
+
+    # the same draw again; eval-qa reads document 0 with its donor, the other document of the file
+    records = qa_records()
+    references = [objective.records[0]["references"][j][0] for j in (0, 1)]
+    objective.records[0]["references"] = [[r] for r in references]  # one reference each: the draw cannot differ
+    objective.draw = lambda: (0, [0, 1], 256, 1)  # document 0, both questions, donor document 1
+    with torch.no_grad():
+        loss = objective.loss(llm, embedder)
+    lm = ExtensibleLM(llm, tokenizer, embedder, window=256)
+    evaluation = QAEvaluation(lm, max_new_tokens=8)
+    document = EvalDocument(lm, evaluation.encoder, records[0]["input"])
+    document.donor = EvalDocument(lm, evaluation.encoder, records[1]["input"])
+    own, foreign, lengths = [], [], []
+    with torch.no_grad():
+        for j, reference in enumerate(references):
+            answer = tokenizer(reference, add_special_tokens=False)["input_ids"][:7] + [tokenizer.eos_token_id]
+            own.append(lm.score_continuation(evaluation.query("hybrid", document, records[0]["instructions"][j])[0],
+                                             answer).mean_nll)
+            foreign.append(lm.score_continuation(evaluation.query("foreign", document, records[0]["instructions"][j])[0],
+                                                 answer).mean_nll)
+            lengths.append(len(answer))
+    assert own != foreign  # the tiny model's rows differ between the documents: the hinge has something to see
+    mean_own = sum(o * n for o, n in zip(own, lengths)) / sum(lengths)
+    hinge = sum(max(0.0, 0.5 + o - f) for o, f in zip(own, foreign)) / 2
+    assert loss.item() == pytest.approx(mean_own + 2.0 * hinge, abs=1e-4)
+    assert objective.metrics["own_minus_foreign"] == pytest.approx((own[0] - foreign[0] + own[1] - foreign[1]) / 2,
+                                                                   abs=1e-4)
+    one_document = qa_path.parent / "one_document.jsonl"
+    one_document.write_text(json.dumps(records[0]) + "\n")
+    with pytest.raises(UserError, match="two or more"):
+        QAObjective([str(one_document)], tokenizer, contrast=1.0)
+
+
+def test_left_out_draws_the_questions_whose_answer_rags_input_leaves_out(tiny, tmp_path):
+    llm, tokenizer = tiny
+    embedder = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16))
+    rng = np.random.default_rng(3)
+    filler = lambda n: " ".join(rng.choice(WORDS, n))  # noqa: E731
+    record = {"input": f"The river town kept a zebra named Orlando.\n{filler(300)}\n{FACT}\n{filler(300)}\n",
+              "instructions": ["What did the bank raise on loans?", "What was the name of the animal?"],
+              "outputs": ["the interest rate", "Orlando"], "answers": [["the interest rate"], ["Orlando"]]}
+    path = tmp_path / "left_out.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    lm = ExtensibleLM(llm, tokenizer, embedder, window=128)
+    evaluation = QAEvaluation(lm, max_new_tokens=8)
+    document = EvalDocument(lm, evaluation.encoder, record["input"])
+    where = [answer_read(document, record["answers"][j], evaluation.query("rag", document, q)[1]["chunk_ks"])
+             for j, q in enumerate(record["instructions"])]
+    assert sorted(where) == ["left out", "raw"]  # the premise: one answer read raw by rag, one left out
+    objective = QAObjective([str(path)], tokenizer, windows=(128,), questions=1, answer_tokens=8, left_out=True)
+    doc = objective._document(lm, 0)
+    for order in ([0, 1], [1, 0]):
+        assert objective._questions(lm, doc, 0, order) == [where.index("left out")]
+    assert len(QAObjective([str(path)], tokenizer, questions=1).draw()[1]) == 1  # without: the draw's questions
+    assert objective.settings()["left_out"] and "left_out" not in QAObjective([str(path)], tokenizer).settings()

@@ -363,6 +363,25 @@ def test_eval_qa_methods_agree_when_the_document_fits_and_hybrid_reads_rags_pass
     assert again[3]["answer_nll"] == pytest.approx(first[3]["answer_nll"], abs=1e-4)
 
 
+def test_eval_qa_max_k_sets_the_k_hybrid_reads_the_rest_at_and_is_recorded(lm, tiny8, tmp_path):
+    long = {"input": document(1, "bank") + document(2, "volcano"), "instructions": ["What flowed?"], "outputs": ["lava"]}
+    data = qa_file(tmp_path, [long])
+    reads = {}
+    for max_k in (None, 2):  # None: the default
+        _, records = evaluate_qa(lm, [data], ["rag", "hybrid"], max_new_tokens=4, generate=False, progress=False,
+                                 **({"max_k": max_k} if max_k else {}))
+        reads[max_k] = {r["method"]: r["chunk_ks"] for r in records}
+        assert all(r["max_k"] == (max_k or 64) for r in records)  # a resumed run reuses only its own max_k
+    coarse, fine = reads[None]["hybrid"], reads[2]["hybrid"]
+    assert {c for c, k in fine.items() if k == 1} == {c for c, k in coarse.items() if k == 1} == set(reads[2]["rag"])
+    assert {k for k in fine.values() if k > 1} == {2} and max(coarse.values()) > 2
+    assert len(fine) < len(coarse)  # at a finer k fewer of the other chunks fit, the most relevant first
+    code = main(["eval-qa", "--data", data, "--methods", "hybrid", "--model", tiny8, "--chunk", "16", "--window", "256",
+                 "--max-new-tokens", "4", "--max-k", "4", "--no-generate", "--json", str(tmp_path / "qa.json")])
+    recorded = json.loads((tmp_path / "qa.questions.jsonl").read_text().splitlines()[0])
+    assert code == 0 and {k for k in recorded["chunk_ks"].values() if k > 1} == {4} and recorded["max_k"] == 4
+
+
 def test_eval_qa_skips_and_counts_a_question_longer_than_the_window_and_reads_a_one_chunk_document(lm, tmp_path):
     record = {"input": "Savers moved.", "instructions": ["why? " * 300, "Who moved?"], "outputs": ["x", "savers"]}
     rows, records = evaluate_qa(lm, [qa_file(tmp_path, [record])], ["rag", "hybrid"], max_new_tokens=4,

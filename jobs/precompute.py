@@ -50,6 +50,10 @@ def run(args) -> int:
                          workers=args.workers, threads=args.threads, commit_every=args.commit_every,
                          text_column=args.text_column, max_bytes=args.max_bytes, wait=args.wait,
                          gpus_per_worker=args.gpus_per_worker)
+    import ray
+
+    if ray.is_initialized():  # Ray's notices of dead workers print asynchronously: let none land inside the summary
+        ray.shutdown()
     print("\n".join(summary.lines()))
     if args.index != "none":
         from rag.index import build_index, index_is_current

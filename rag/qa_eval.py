@@ -151,8 +151,9 @@ def truncate_middle(ids: list[int], keep: int) -> list[int]:
 
 class EvalDocument:
     """One document of a QA file: its tokens and chunk spans, and, made on first use, the full-resolution outputs of
-    each chunk read compressed (offline mode: encoded once for all its questions), its passage vectors and its
-    full-attention prefix cache."""
+    each chunk read compressed (offline mode: encoded once for all its questions), its passage vectors, each
+    question's chunk scores (every method and reading of a question ranks its chunks alike) and its full-attention
+    prefix cache."""
 
     def __init__(self, lm, encoder, text: str):
         self.lm, self.encoder, self.text = lm, encoder, text
@@ -161,7 +162,7 @@ class EvalDocument:
         starts = [start for start, _ in encoding["offset_mapping"]]
         self.char_offsets = starts[:: lm.chunk_size] + [len(text)]  # as the store records a document's chunks
         self.stored = InMemoryDocument.lazy(self.ids, lm.chunk_size, lm.embedder)
-        self._passages = None
+        self._passages, self._relevance = None, {}
         self.prefix = None  # (cache, prompt) of the full-attention input up to the question
         self.donor: EvalDocument | None = None  # another document of the file, whose rows ``foreign`` reads
 
@@ -169,7 +170,9 @@ class EvalDocument:
         if self._passages is None:
             chunks, spans = self.encoder.passages(self.text, self.char_offsets)
             self._passages = chunks, self.encoder.encode([self.text[a:b] for a, b in spans])
-        return chunk_relevance(*self._passages, self.encoder.encode([question])[0])
+        if question not in self._relevance:
+            self._relevance[question] = chunk_relevance(*self._passages, self.encoder.encode([question])[0])
+        return self._relevance[question]
 
 
 class ForeignRows:

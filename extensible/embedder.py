@@ -40,6 +40,7 @@ class EmbedderConfig:
     downscale: str = "strided"
     lora_rank: int | None = None  # None: full fine-tuning of the N layers
     lora_alpha: int | None = None
+    row_mlp: int = 0  # width of a residual MLP on every output row (0: none); zero-initialised, so it starts as identity
     base: dict = field(default_factory=dict)  # fingerprint of the base LLM, filled in by from_llm
     base_name: str = ""
     trained_steps: int = 0
@@ -62,11 +63,29 @@ def _token_embedding_rms(llm: PreTrainedModel) -> float:
     return weight.detach().float().pow(2).mean().sqrt().item()
 
 
+class RowMLP(nn.Module):
+    """o + W2 gelu(W1 o) on each output row: a cheap map from the embedder's last layer to what the frozen LLM reads
+    well as context. W2 starts at zero, so a new MLP changes nothing until it trains."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.up = nn.Linear(hidden, width)
+        self.down = nn.Linear(width, hidden)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows + self.down(nn.functional.gelu(self.up(rows)))
+
+
 class ExtensibleEmbedder(nn.Module):
     def __init__(self, body: PreTrainedModel, config: EmbedderConfig):
         super().__init__()
         self.body = body
         self.config = config
+        hidden = body.config.hidden_size
+        self.row_mlp = RowMLP(hidden, config.row_mlp).to(body.norm.weight.device, body.norm.weight.dtype) \
+            if config.row_mlp else None
 
     @classmethod
     def from_llm(cls, llm: PreTrainedModel, tokenizer, config: EmbedderConfig | None = None) -> ExtensibleEmbedder:
@@ -104,6 +123,8 @@ class ExtensibleEmbedder(nn.Module):
         return embedder
 
     def _set_trainable(self) -> None:
+        if self.row_mlp is not None:
+            self.row_mlp.requires_grad_(True)
         for name, param in self.body.named_parameters():
             if name.startswith("embed_tokens."):
                 param.requires_grad_(False)  # the LLM's own table: frozen
@@ -122,10 +143,15 @@ class ExtensibleEmbedder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, L] token ids of chunks -> [batch, L, hidden] output embeddings (o_j sees tokens 1..j)."""
-        return self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        rows = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return rows if self.row_mlp is None else self.row_mlp(rows)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: param.detach() for name, param in self.body.named_parameters() if param.requires_grad}
+        """The tensors a plug-in holds: the body's trainable ones by their names, the row MLP's under ``row_mlp.``."""
+        tensors = {name: param.detach() for name, param in self.body.named_parameters() if param.requires_grad}
+        if self.row_mlp is not None:
+            tensors.update({f"row_mlp.{name}": param.detach() for name, param in self.row_mlp.named_parameters()})
+        return tensors
 
     def num_trainable(self) -> int:
         return sum(t.numel() for t in self.trainable_state_dict().values())
@@ -159,9 +185,14 @@ class ExtensibleEmbedder(nn.Module):
         embedder.config = config
         return embedder
 
-    def load_trainable(self, stored: dict[str, torch.Tensor]) -> str | None:
-        """Copies ``stored`` into the trainable tensors; returns what does not match instead (then nothing is copied)."""
+    def load_trainable(self, stored: dict[str, torch.Tensor], fresh_row_mlp: bool = False) -> str | None:
+        """Copies ``stored`` into the trainable tensors; returns what does not match instead (then nothing is copied).
+
+        ``fresh_row_mlp``: ``stored`` may lack the row MLP (a warm start from a plug-in without one), which then keeps
+        its identity initialisation."""
         trainable = self.trainable_state_dict()  # detached views: copying into them fills the parameters
+        if fresh_row_mlp and not any(name.startswith("row_mlp.") for name in stored):
+            trainable = {name: t for name, t in trainable.items() if not name.startswith("row_mlp.")}
         missing, unexpected = sorted(set(trainable) - set(stored)), sorted(set(stored) - set(trainable))
         if missing or unexpected:
             return f"missing {missing[:3]}, unexpected {unexpected[:3]}"

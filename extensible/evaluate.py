@@ -7,17 +7,24 @@ Methods, all on the same samples:
 * ``streaming``: StreamingLLM -- 4 attention-sink tokens (the sample's first) + the most recent tokens;
 * ``pi`` / ``ntk``: full attention with RoPE position interpolation (linear) or dynamic NTK scaling, through
   transformers' ``rope_parameters``, stretched to the sample length;
-* ``ext:K``: extensible embeddings at a fixed k; ``ext:adaptive``: the smallest k that fits the window.
+* ``ext:K``: extensible embeddings at a fixed k; ``ext:adaptive``: the smallest k that fits the window;
+* ``foreign:ext:K`` / ``foreign:ext:adaptive``: the content control -- the same layout, raw tokens and k as
+  ``ext:K`` / ``ext:adaptive``, but the compressed rows are those of a span of the same length of another document
+  (``donor_span``). ``ext:K - foreign:ext:K`` is what the content of the compressed rows is worth; where nothing is
+  compressed (a context that fits the window) the two are the same.
 
 Samples are spans of ``context + tail`` tokens at offsets drawn from a generator seeded by (seed, document, context),
-so every method and every run sees the same text.
+so every method and every run sees the same text; a foreign method's donor span is drawn from a generator seeded by
+(seed, document, offset, context), so every run reads the same donor.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,25 +44,56 @@ class Sample:
     ids: torch.Tensor  # context + tail tokens
 
 
-def parse_methods(text: str, base: tuple[str, ...] = BASE_METHODS, named_ext: tuple[str, ...] = ("adaptive",)) -> list[str]:
-    """Comma-separated methods: one of ``base``, ``ext:K`` (an integer K >= 1), or ``ext:<name>`` for ``named_ext``."""
+FOREIGN = "foreign:"
+
+
+def parse_methods(text: str, base: tuple[str, ...] = BASE_METHODS, named_ext: tuple[str, ...] = ("adaptive",),
+                  foreign: bool = False) -> list[str]:
+    """Comma-separated methods: one of ``base``, ``ext:K`` (an integer K >= 1), or ``ext:<name>`` for ``named_ext``;
+    with ``foreign``, also ``foreign:`` before any ext method (eval-ppl's content control)."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
     named = [f"ext:{name}" for name in named_ext]
+    choices = [*base, "ext:K", *named] + ([f"{FOREIGN}ext:K", *(FOREIGN + m for m in named)] if foreign else [])
     for method in methods:
-        if method in base or method in named:
+        ext = method.removeprefix(FOREIGN) if foreign else method
+        if ext in named or (ext == method and method in base):
             continue
-        if method.startswith("ext:"):
+        if ext.startswith("ext:"):
             try:
-                k = int(method[4:])
+                k = int(ext[4:])
             except ValueError:
                 raise UserError(f"bad method {method!r}: use ext:K with an integer K >= 1, or {', '.join(named)}") from None
             if k < 1:
                 raise UserError(f"bad method {method!r}: K must be >= 1")
             continue
-        raise UserError(f"unknown method {method!r}; choose from {', '.join([*base, 'ext:K', *named])}")
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(choices)}")
     if not methods:
         raise UserError("no methods given")
     return methods
+
+
+def document_names(sources: list[str]) -> list[str]:
+    """Unique readable names for ``data.iter_documents``' ids ("path", or "path:row" for a record): a file's stem,
+    or as much of its path as tells it from other files with that name; a record adds ":row"."""
+    def split(source: str) -> tuple[str, str]:
+        path, _, row = source.rpartition(":")
+        is_record = row.isdigit() and Path(path).suffix in (".jsonl", ".parquet")
+        return (path, ":" + row) if is_record else (source, "")
+
+    files = list(dict.fromkeys(split(source)[0] for source in sources))
+    depth = dict.fromkeys(files, 0)  # 0: the stem; d >= 1: the last d parts of the path
+
+    def name(path: str) -> str:
+        return Path(path).stem if depth[path] == 0 else "/".join(Path(path).parts[-depth[path] :])
+
+    while True:
+        counts = Counter(map(name, files))
+        clashing = [f for f in files if counts[name(f)] > 1 and depth[f] < len(Path(f).parts)]
+        if not clashing:
+            break
+        for path in clashing:
+            depth[path] += 1
+    return [name(path) + row for path, row in map(split, sources)]
 
 
 def draw_samples(documents: dict[str, torch.Tensor], context: int, tail: int, per_document: int,
@@ -74,6 +112,23 @@ def draw_samples(documents: dict[str, torch.Tensor], context: int, tail: int, pe
     return samples
 
 
+def donor_span(documents: dict[str, torch.Tensor], sample: Sample, context: int, seed: int = 0) -> torch.Tensor:
+    """The span whose compressed rows a foreign method reads instead of the sample's own: as long as the sample, from
+    another document, drawn by (seed, the sample's document, its offset, context)."""
+    names = sorted(documents)  # the order draw_samples numbers documents in
+    span = len(sample.ids)
+    donors = [name for name in names if name != sample.document and len(documents[name]) >= span]
+    if not donors:
+        longest = max((len(documents[name]) for name in names if name != sample.document), default=0)
+        raise UserError(f"foreign methods need a {span}-token donor span (context {context} + tail "
+                        f"{span - context}) from a document other than {sample.document!r}; the longest other has "
+                        f"{longest} tokens: add longer documents to --data or lower --context")
+    rng = np.random.default_rng([seed, names.index(sample.document), sample.offset, context])
+    ids = documents[donors[rng.integers(len(donors))]]
+    start = int(rng.integers(len(ids) - span + 1))
+    return ids[start : start + span]
+
+
 class Protocol:
     """Scores samples with each method; holds the RoPE-scaled copies of the LLM that pi/ntk need."""
 
@@ -86,6 +141,7 @@ class Protocol:
         return self.lm.llm.config.max_position_embeddings
 
     def k_for(self, method: str, n_tokens: int) -> int | None:
+        method = method.removeprefix(FOREIGN)  # a foreign method reads at its ext method's k
         if method == "ext:adaptive":
             return smallest_k(n_tokens - 1, self.lm.window, self.lm.chunk_size, self.lm.policy)
         return int(method[4:]) if method.startswith("ext:") else None
@@ -94,7 +150,7 @@ class Protocol:
         """None if the method can score a sample of ``n_tokens``; else why not."""
         if method == "full" and n_tokens > self.positions:
             return f"{n_tokens} tokens exceed the LLM's {self.positions} positions"
-        if method.startswith("ext:"):
+        if method.removeprefix(FOREIGN).startswith("ext:"):
             k = self.k_for(method, n_tokens)
             if k is None or k > self.lm.chunk_size:
                 return f"no k fits {n_tokens} tokens in window {self.lm.window}"
@@ -104,8 +160,15 @@ class Protocol:
                 return f"k={k} cannot hold {n_tokens} tokens in window {self.lm.window}"
         return None
 
-    def score(self, method: str, ids: torch.Tensor, tail: int) -> Score:
+    def score(self, method: str, ids: torch.Tensor, tail: int, donor: torch.Tensor | None = None) -> Score:
+        """``donor``: for a foreign method, the span (as long as ``ids``) whose compressed rows it reads."""
         lm = self.lm
+        if method.startswith(FOREIGN):
+            if donor is None or len(donor) != len(ids):
+                raise UserError(f"{method} needs a donor span of {len(ids)} tokens")
+            # score() reads compressed rows from ``full`` wherever it covers a chunk, and a donor as long as the
+            # sample covers every chunk the layout compresses: the embedder never sees the sample's own chunks.
+            return lm.score(ids, tail, self.k_for(method, len(ids)), full=lm.encode(donor))
         if method == "window":
             return lm.score_window(ids, tail)
         if method == "streaming":
@@ -156,11 +219,17 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
 
     if tail >= protocol.lm.window:
         raise UserError(f"--tail ({tail}) must be smaller than --window ({protocol.lm.window})")
+    foreign = [m for m in methods if m.startswith(FOREIGN)]
+    if foreign and len(documents) < 2:
+        raise UserError(f"{foreign[0]} reads another document's compressed rows: give --data two or more documents")
+    # Every sample and donor span first: bad data fails before any scoring.
+    samples = {context: draw_samples(documents, context, tail, per_document, seed) for context in contexts}
+    donors = {context: [donor_span(documents, sample, context, seed) for sample in samples[context]]
+              for context in contexts if any(protocol.applicable(m, context + tail) is None for m in foreign)}
     rows, per_sample = [], {}
     jobs = [(context, method) for context in contexts for method in methods]
     bar = tqdm(total=len(jobs), desc="eval-ppl", disable=not progress)
     for context in contexts:
-        samples = draw_samples(documents, context, tail, per_document, seed)
         for method in methods:
             bar.set_postfix_str(f"{method} at {context}")
             reason = protocol.applicable(method, context + tail)
@@ -169,23 +238,25 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
                 bar.update()
                 continue
             nll, tokens, seconds = [], 0, 0.0
-            for sample in samples:
+            for i, sample in enumerate(samples[context]):
                 start = time.perf_counter()
-                score = protocol.score(method, sample.ids, tail)
+                donor = donors[context][i] if method.startswith(FOREIGN) else None
+                score = protocol.score(method, sample.ids, tail, donor)
                 seconds += time.perf_counter() - start
                 nll.append(score.nll / score.tokens)
                 tokens += score.tokens
             per_sample[(method, context)] = np.array(nll)
             rows.append({"method": method, "context": context, "k": protocol.k_for(method, context + tail),
                          "ppl": math.exp(float(np.mean(nll))), "tokens": tokens, "seconds": round(seconds, 2),
-                         "samples": len(samples)})
+                         "samples": len(samples[context])})
             bar.update()  # after the job, so the bar reaches its end when the last one is done
     bar.close()
     return rows, per_sample
 
 
 def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window") -> str:
-    """PPL table (methods x contexts) and each method's paired-bootstrap interval against the baseline."""
+    """PPL table (methods x contexts), each method's paired-bootstrap interval against the baseline, and the content
+    of the compressed rows: ``ext:K - foreign:ext:K`` in NLL."""
     contexts = sorted({row["context"] for row in rows})
     methods = list(dict.fromkeys(row["method"] for row in rows))
     cell = {(row["method"], row["context"]): row for row in rows}
@@ -194,7 +265,8 @@ def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window"
         values = []
         for c in contexts:
             row = cell.get((method, c))
-            values.append("-" if row is None else f"{row['ppl']:.2f}" + (f" (k={row['k']})" if method == "ext:adaptive" else ""))
+            adaptive = method.endswith("ext:adaptive")
+            values.append("-" if row is None else f"{row['ppl']:.2f}" + (f" (k={row['k']})" if adaptive else ""))
         lines.append(f"| {method} | " + " | ".join(values) + " |")
     lines += ["", f"PPL difference against `{baseline}` (negative = better), mean over samples of exp(mean NLL), "
               "with a 95% paired-bootstrap interval:", "", "| method | context | ppl - baseline | 95% interval |",
@@ -206,7 +278,34 @@ def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window"
         differences = np.exp(nll) - np.exp(base)
         low, high = bootstrap_interval(differences)
         lines.append(f"| {method} | {context} | {differences.mean():+.3f} | [{low:+.3f}, {high:+.3f}] |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _content_rows(per_sample)) + "\n"
+
+
+def _content_rows(per_sample: dict) -> list[str]:
+    """``ext:K - foreign:ext:K`` per context in mean NLL, and the share of full attention's gain over the window that
+    the rows' content recovers; no lines when no foreign method was run."""
+    pairs = [(method[len(FOREIGN) :], context) for method, context in per_sample if method.startswith(FOREIGN)]
+    pairs = [(ext, context) for ext, context in pairs if (ext, context) in per_sample]
+    if not pairs:
+        return []
+    lines = ["", "`ext:K` minus `foreign:ext:K` (the same layout, raw tokens and k; another document's compressed "
+             "rows): the content the compressed rows carry, as the mean per-sample NLL difference in nats/token with "
+             "a 95% paired-bootstrap interval (negative = the document's own rows help). Share: (foreign - ext) / "
+             "(window - full) in mean NLL, the part of full attention's gain over the window that the content "
+             "recovers:",
+             "", "| difference | context | NLL difference | 95% interval | share of window - full |",
+             "|---|---:|---:|---|---:|"]
+    for ext, context in pairs:
+        own, foreign = per_sample[(ext, context)], per_sample[(FOREIGN + ext, context)]
+        differences = own - foreign
+        low, high = bootstrap_interval(differences)
+        window, full = per_sample.get(("window", context)), per_sample.get(("full", context))
+        share = "-"
+        if window is not None and full is not None and window.mean() != full.mean():
+            share = f"{(foreign.mean() - own.mean()) / (window.mean() - full.mean()):.0%}"
+        lines.append(f"| {ext} - {FOREIGN}{ext} | {context} | {differences.mean():+.4f} | [{low:+.4f}, {high:+.4f}] "
+                     f"| {share} |")
+    return lines
 
 
 def plot(rows: list[dict], path, title: str = "", baseline: str = "window") -> None:

@@ -113,7 +113,7 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 def load_llm(
     name_or_path: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     progress: bool = True,
@@ -125,6 +125,11 @@ def load_llm(
     ``rope_parameters`` (e.g. ``{"rope_type": "linear", "factor": 4.0, "rope_theta": ...}``) replaces the model's
     RoPE settings; it must be set before the model is built, so it goes in through the config.
     """
+    device = torch.device(device or default_device())
+    if dtype is None:
+        # bf16 on a GPU; fp32 on a CPU, where bf16 matmuls without AVX512-BF16 take a reference kernel: a 1,024-token
+        # SmolLM2 forward takes 11.7 s in bf16 and 2.3 s in fp32 on a 2-core AVX2 machine
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     path = embedded_checkpoint(progress) if name_or_path is None else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -140,7 +145,7 @@ def load_llm(
     except OSError as err:  # no such folder, or a hub id that cannot be reached from here
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the LLM {name_or_path!s}: {reason}") from None
-    model.to(device or default_device())
+    model.to(device)
     return freeze(model), tokenizer
 
 

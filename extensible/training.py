@@ -17,7 +17,11 @@ the last loss's measurements, logged beside it) -- e.g. ``rag.qa_train.QAObjecti
 whose samples are the library's own QA queries. The core knows nothing of them.
 
 Ablation objectives (``objective``): ``autoencode`` (chunk i's tokens from its own embeddings) and ``continuation``
-(only the last chunk, from the embeddings of all earlier ones). The loop is nanoGPT-shaped: one readable function,
+(only the last chunk, from the embeddings of all earlier ones). ``read`` (``extensible.reading``) is the objective
+whose loss only content can lower: each sample's earlier chunks are the evidence, read only compressed, and the
+target is the first ``target_tokens`` of its last chunk (or, with probability ``reconstruct``, the evidence itself),
+with the next-token loss (``ce``), distillation from the LLM reading the evidence raw (``distill``) and a hinge
+against another sample's rows at the same k (``contrast``, ``margin``). The loop is nanoGPT-shaped: one readable function,
 checkpoints with exact resume (plug-in tensors, optimizer, scheduler, RNG, data position).
 """
 
@@ -44,12 +48,14 @@ from .downscale import downscale_chunk
 from .embedder import WEIGHTS_NAME, EmbedderConfig, ExtensibleEmbedder
 from .errors import UserError
 from .models import load_llm
+from .reading import ReadingSample, ReadingWeights, logits_at, reading_loss
 
-OBJECTIVES = ("ar", "autoencode", "continuation")
+OBJECTIVES = ("ar", "autoencode", "continuation", "read")
 # A resume must agree on these; the rest (steps, save/eval cadence) may change between runs.
 SHAPE_FIELDS = ("model", "data", "exclude", "num_layers", "lora_rank", "chunk_size", "sample_tokens", "ks",
                 "objective", "downscale", "lr", "warmup", "batch_size", "grad_accum", "seed", "weight_decay",
-                "recent_chunks", "init_from")
+                "recent_chunks", "init_from", "row_mlp", "target_tokens", "reconstruct", "ce", "distill", "contrast",
+                "margin")
 
 
 @dataclass
@@ -67,6 +73,14 @@ class TrainConfig:
     recent_chunks: int = 0  # up to this many raw chunks between the compressed context and the predicted chunk
     init_from: str | None = None  # a plug-in folder whose tensors start a new run (warm start)
     downscale: str = "strided"
+    row_mlp: int = 0  # width of the embedder's residual MLP on its output rows (0: none)
+    # the read objective (extensible.reading)
+    target_tokens: int = 128
+    reconstruct: float = 0.0
+    ce: float = 1.0
+    distill: float = 1.0
+    contrast: float = 0.0
+    margin: float = 0.1
     lr: float = 1e-4
     warmup: int = 0
     weight_decay: float = 0.0
@@ -95,6 +109,10 @@ class TrainConfig:
                             f"needs one compressed and one predicted), got {self.recent_chunks}")
         if self.recent_chunks and self.objective != "ar":
             raise UserError("--recent-chunks applies to the ar objective only")
+        if self.objective == "read" and not 1 <= self.target_tokens <= self.chunk_size:
+            raise UserError(f"--target-tokens must be in 1..{self.chunk_size} (the chunk), got {self.target_tokens}")
+        if not 0 <= self.reconstruct <= 1 or min(self.ce, self.distill, self.contrast) < 0:
+            raise UserError("--reconstruct must be in 0..1 and the loss weights --ce, --distill, --contrast >= 0")
         if self.init_from:
             self.init_from = str(Path(self.init_from).resolve())
 
@@ -163,13 +181,22 @@ def two_stream_loss(llm, embedder: ExtensibleEmbedder, ids: torch.Tensor, ks: li
 def padded_batch_loss(llm, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                       targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token loss of ``targets`` predicted at positions (rows, cols) of a right-padded batch ``inputs``
-    [N, T, H] through the frozen LLM, with logits only at those positions: their mean, or each (``"none"``).
-
-    Right padding under a causal mask: no real position ever sees a pad, so no padding mask is needed, and
-    attention keeps the fast causal kernel instead of the masked one."""
-    hidden = llm.get_decoder()(inputs_embeds=inputs, use_cache=False).last_hidden_state
-    logits = llm.get_output_embeddings()(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+    [N, T, H] through the frozen LLM, with logits only at those positions: their mean, or each (``"none"``)."""
+    logits = logits_at(llm, inputs, rows, cols)
     return F.cross_entropy(logits.float(), targets.to(logits.device), reduction=reduction)
+
+
+def book_reading_samples(ids: torch.Tensor, chunk_size: int, target_tokens: int,
+                         reconstruct: list[bool]) -> list[ReadingSample]:
+    """The read objective's samples from book samples ``ids`` [B, S]: the chunks before the last are the evidence;
+    the target is the first ``target_tokens`` of the last chunk, or the evidence itself where ``reconstruct``."""
+    samples = []
+    for row, again in zip(ids.tolist(), reconstruct):
+        chunks = [row[i : i + chunk_size] for i in range(0, len(row), chunk_size)]
+        evidence = chunks[:-1]
+        target = [t for chunk in evidence for t in chunk] if again else chunks[-1][:target_tokens]
+        samples.append(ReadingSample([], evidence, [], target))
+    return samples
 
 
 def _rng_state() -> dict:
@@ -192,19 +219,25 @@ class Trainer:
         self.config = config
         self.out = Path(config.out)
         self.progress = progress
-        self.accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=config.grad_accum)
+        # bf16 autocast on a GPU; fp32 on a CPU, where bf16 matmuls without AVX512-BF16 take a reference kernel
+        # (a [512, 49152] x [49152, 576] product: 29 s in bf16, 0.16 s in fp32 on a 2-core AVX2 machine)
+        self.accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                                       gradient_accumulation_steps=config.grad_accum)
         self.llm, self.tokenizer = load_llm(config.model, device=self.accelerator.device, progress=progress)
         if config.gradient_checkpointing:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(config.seed)  # LoRA's A and the row MLP start random: the same run starts the same
         self.embedder = ExtensibleEmbedder.from_llm(self.llm, self.tokenizer, EmbedderConfig(
             num_layers=config.num_layers, chunk_size=config.chunk_size, train_ks=list(config.ks),
-            downscale=config.downscale, lora_rank=config.lora_rank))
-        for param in self.embedder.parameters():  # fp32 master weights; bf16 compute under autocast
+            downscale=config.downscale, lora_rank=config.lora_rank, row_mlp=config.row_mlp))
+        for param in self.embedder.parameters():  # fp32 master weights (bf16 compute under a GPU's autocast)
             if param.requires_grad:
                 param.data = param.data.float()
         self.steps_before = 0  # steps behind a warm start, counted in the plug-in's trained_steps
         if config.init_from:
-            self._load_trainable(Path(config.init_from) / WEIGHTS_NAME, f"--init-from {config.init_from}")
+            # a plug-in without a row MLP warm-starts one that has it: the new MLP starts as identity
+            self._load_trainable(Path(config.init_from) / WEIGHTS_NAME, f"--init-from {config.init_from}",
+                                 fresh_row_mlp=True)
             self.steps_before = EmbedderConfig.read(config.init_from).trained_steps
         self.data = PackedTokens(self.tokenizer, config.data, config.sample_tokens, self.out / "cache",
                                  exclude=tuple(config.exclude), progress=progress)
@@ -271,16 +304,18 @@ class Trainer:
         _set_rng_state(state["rng"])
         return True
 
-    def _load_trainable(self, weights: Path, what: str) -> None:
+    def _load_trainable(self, weights: Path, what: str, fresh_row_mlp: bool = False) -> None:
         if not weights.exists():
             raise UserError(f"{what}: {weights} not found")
-        problem = self.accelerator.unwrap_model(self.embedder).load_trainable(load_file(weights))
+        problem = self.accelerator.unwrap_model(self.embedder).load_trainable(load_file(weights), fresh_row_mlp)
         if problem:
             raise UserError(f"{what} does not hold this embedder's tensors ({problem}; another LoRA rank or layer count?)")
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
-    def next_batch(self) -> tuple[torch.Tensor, list[int], list[int]]:
+    def next_batch(self) -> tuple[torch.Tensor, list[int], list | None]:
+        """(ids [B, S], k per sample, the objective's per-sample draw: raw recent chunks for ar, whether to
+        reconstruct for read)."""
         config, world = self.config, self.accelerator.num_processes
         rows = []
         for _ in range(config.batch_size):
@@ -290,8 +325,20 @@ class Trainer:
             self.samples_seen += 1
         ks = [random.choice(config.ks) for _ in rows]
         # Drawn only when asked for, so that runs without recent chunks keep their random stream (and exact resume).
-        recent = [random.randint(0, config.recent_chunks) for _ in rows] if config.recent_chunks else None
-        return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks, recent
+        draws = [random.randint(0, config.recent_chunks) for _ in rows] if config.recent_chunks else None
+        if config.objective == "read":
+            draws = [random.random() < config.reconstruct for _ in rows] if config.reconstruct else [False] * len(rows)
+        return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks, draws
+
+    def book_loss(self, ids: torch.Tensor, ks: list[int], draws: list | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss on the book samples and, for the read objective, its measurements (own - foreign, KL, ...)."""
+        config = self.config
+        if config.objective != "read":
+            return two_stream_loss(self.llm, self.embedder, ids, ks, config.chunk_size, config.objective,
+                                   config.downscale, draws), {}
+        weights = ReadingWeights(config.ce, config.distill, config.contrast, config.margin)
+        samples = book_reading_samples(ids, config.chunk_size, config.target_tokens, draws)
+        return reading_loss(self.llm, self.embedder, samples, ks, config.chunk_size, weights, config.downscale)
 
     def train(self, until: int | None = None, max_minutes: float | None = None) -> dict:
         """Trains to ``config.steps``; stops early (with a checkpoint) at step ``until`` or after ``max_minutes``.
@@ -314,10 +361,10 @@ class Trainer:
             start = time.perf_counter()
             total, parts = 0.0, {}
             for _ in range(config.grad_accum):
-                ids, ks, recent = self.next_batch()
+                ids, ks, draws = self.next_batch()
                 with self.accelerator.accumulate(self.embedder), self.accelerator.autocast():
-                    losses = {"books": two_stream_loss(llm, self.embedder, ids, ks, config.chunk_size,
-                                                       config.objective, config.downscale, recent)}
+                    book_loss, book_metrics = self.book_loss(ids, ks, draws)
+                    losses = {"books": book_loss}
                     losses.update({o.name: o.loss(llm, self.embedder) for o in self.objectives})
                     loss = sum(losses.values())
                     self.accelerator.backward(loss)
@@ -329,13 +376,14 @@ class Trainer:
                 total += loss.item() / config.grad_accum
                 for name, part in losses.items():
                     parts[f"loss_{name}"] = parts.get(f"loss_{name}", 0.0) + part.item() / config.grad_accum
-                for o in self.objectives:  # what an objective measures beside its loss (e.g. qa_own_minus_foreign)
-                    for key, value in getattr(o, "metrics", {}).items():
-                        parts[f"{o.name}_{key}"] = parts.get(f"{o.name}_{key}", 0.0) + value / config.grad_accum
+                measured = [("books", book_metrics)] + [(o.name, getattr(o, "metrics", {})) for o in self.objectives]
+                for name, metrics in measured:  # what a loss measures beside itself (e.g. qa_own_minus_foreign)
+                    for key, value in metrics.items():
+                        parts[f"{name}_{key}"] = parts.get(f"{name}_{key}", 0.0) + value / config.grad_accum
             self.step += 1
             seconds = time.perf_counter() - start
             last = {"loss": total, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_step / seconds,
-                    **(parts if self.objectives else {})}
+                    **(parts if self.objectives or book_metrics else {})}
             if writer is not None and self.step % config.log_every == 0:
                 for name, value in last.items():
                     writer.add_scalar(f"train/{name}", value, self.step)

@@ -87,14 +87,16 @@ def cmd_generate(args) -> None:
 
 def cmd_eval_ppl(args) -> None:
     from extensible.data import expand_sources, iter_documents
-    from extensible.evaluate import Protocol, evaluate, markdown_report, parse_methods, plot
+    from extensible.evaluate import Protocol, document_names, evaluate, markdown_report, parse_methods, plot
     from extensible.text import tokenize
 
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods, foreign=True)
     if args.window <= args.tail:
         raise UserError(f"--window ({args.window}) must be larger than --tail ({args.tail}): the target must fit")
     lm = _runtime(args)
-    documents = {Path(name).stem: tokenize(lm.tokenizer, text) for name, text in iter_documents(expand_sources(args.data))}
+    sources = list(iter_documents(expand_sources(args.data)))
+    names = document_names([source for source, _ in sources])  # unique: a file's records, same-named files
+    documents = {name: tokenize(lm.tokenizer, text) for name, (_, text) in zip(names, sources)}
     if not documents:
         raise UserError(f"no readable UTF-8 text in {' '.join(args.data)}")
     rows, per_sample = evaluate(Protocol(lm), documents, sorted(args.context), methods, tail=args.tail,
@@ -165,10 +167,11 @@ def _print_answer(answer, as_json: bool) -> None:
 
 def cmd_ask(args) -> None:
     from rag.library import Library
+    from rag.plan import DEFAULT_STRATEGY  # imported here: torch loads only for the commands that need it
 
     library = Library(args.store, encoder=args.encoder, model=args.model, plugin=args.plugin, window=args.window)
     for question in args.question:
-        answer = library.answer(question, documents=args.documents, strategy=args.strategy,
+        answer = library.answer(question, documents=args.documents, strategy=args.strategy or DEFAULT_STRATEGY,
                                 max_new_tokens=args.max_new_tokens, max_k=args.max_k)
         _print_answer(answer, args.json)
 
@@ -216,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tail", type=_positive, default=512)
     ev.add_argument("--samples", type=_positive, default=2, help="samples per document and context length")
     ev.add_argument("--methods", default="window,full,ext:adaptive",
-                    help="comma-separated: window, full, streaming, pi, ntk, ext:K, ext:adaptive")
+                    help="comma-separated: window, full, streaming, pi, ntk, ext:K, ext:adaptive, foreign:ext:K, "
+                    "foreign:ext:adaptive (the content control: ext's layout, raw tokens and k, with the compressed "
+                    "rows of a same-length span of another --data document)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the rows here (and a .md table and a .png plot beside it)")
     _model_args(ev)
@@ -252,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", nargs="+")
     ask.add_argument("--store", required=True)
     ask.add_argument("--documents", type=_positive, default=2, help="documents read per question (default 2)")
-    ask.add_argument("--strategy", default="hybrid", help="hybrid (default: the passages nearest to the question "
-                     "raw, the rest compressed), rag (passages only), graded or adaptive")
+    ask.add_argument("--strategy", default=None, help="rag (default, the library's: the passages nearest to the "
+                     "question as plain tokens; hybrid measured no better on held-out QA), hybrid (those passages raw, "
+                     "the rest compressed), graded, adaptive, or rag:K (rag's passages read compressed at k=K: a "
+                     "control)")
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)
@@ -265,9 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     qa = sub.add_parser("eval-qa", help="QA on L-Eval-format files: window vs extensible embeddings")
     qa.add_argument("--data", nargs="+", required=True, help="L-Eval .jsonl files")
-    qa.add_argument("--methods", default="window,rag,hybrid", help="comma-separated: window, full, rag, hybrid, "
-                    "foreign (hybrid's plan read with another document's compressed rows: a control), ext:adaptive, "
-                    "ext:graded, ext:K")
+    qa.add_argument("--methods", default="window,rag,hybrid", help="comma-separated: window, full, rag, rag:K "
+                    "(rag's passages, all read compressed at k=K: the test of reading), hybrid, ext:adaptive, "
+                    "ext:graded, ext:K, and foreign:M for M = hybrid, rag:K, ext:adaptive or ext:graded (M's plan read "
+                    "with another document's compressed rows: a control; foreign = foreign:hybrid)")
     qa.add_argument("--limit", type=_positive, default=None,
                     help="questions per file, spread over its documents and over each document's questions")
     qa.add_argument("--max-new-tokens", type=_positive, default=64, help="answer length (and the reference tokens scored)")

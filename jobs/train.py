@@ -27,6 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="up to R raw chunks between the compressed context and the predicted chunk (sliding layout)")
     p.add_argument("--init-from", default=None, help="plug-in folder whose tensors start a new run")
     p.add_argument("--downscale", default="strided", help="strided, terminal, random or mean")
+    p.add_argument("--row-mlp", type=int, default=0, help="width of a residual MLP on the embedder's rows (0: none)")
+    read = p.add_argument_group("the read objective (--objective read): evidence only compressed")
+    read.add_argument("--target-tokens", type=int, default=128, help="tokens of the last chunk scored")
+    read.add_argument("--reconstruct", type=float, default=0.0, help="share of samples whose target is the evidence")
+    read.add_argument("--ce", type=float, default=1.0, help="weight of the target's next-token loss")
+    read.add_argument("--distill", type=float, default=1.0,
+                      help="weight of KL(LLM reading the evidence raw || LLM reading its rows) on the target")
+    read.add_argument("--contrast", type=float, default=0.0,
+                      help="weight of the hinge asking own rows to beat another sample's rows at the same k")
+    read.add_argument("--margin", type=float, default=0.1, help="the hinge's margin, nats per target token")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)

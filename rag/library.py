@@ -37,11 +37,13 @@ class InMemoryDocument:
         self._ids, self._embedder = None, None
 
     @classmethod
-    def lazy(cls, ids: list[int], chunk_size: int, embedder) -> InMemoryDocument:
-        """A document whose chunks ``embedder`` encodes on their first compressed read, each once, all a read needs
-        in one batch (only raw chunks read: never). Under autograd the outputs keep their gradients (QA training)."""
+    def lazy(cls, ids: list[int], chunk_size: int, embedder, encode_batch: int = 8) -> InMemoryDocument:
+        """A document whose chunks ``embedder`` encodes on their first compressed read, each once, ``encode_batch``
+        chunks per forward (only raw chunks read: never). Under autograd the outputs keep their gradients (QA
+        training)."""
         document = cls(torch.zeros(len(ids), 0), chunk_size)
         document.encoded, document._ids, document._embedder = {}, ids, embedder
+        document.encode_batch = encode_batch
         return document
 
     def __len__(self) -> int:
@@ -57,9 +59,10 @@ class InMemoryDocument:
     def _encode(self, chunks: list[int]) -> None:
         size, device = self.chunk_size, next(self._embedder.parameters()).device
         whole = [c for c in chunks if self.chunk_length(c) == size]
-        if whole:
-            rows = torch.tensor([self._ids[c * size : (c + 1) * size] for c in whole], device=device)
-            self.encoded.update(zip(whole, self._embedder(rows)))
+        for start in range(0, len(whole), self.encode_batch):  # bounded activations, as ExtensibleLM encodes
+            batch = whole[start : start + self.encode_batch]
+            rows = torch.tensor([self._ids[c * size : (c + 1) * size] for c in batch], device=device)
+            self.encoded.update(zip(batch, self._embedder(rows)))
         for c in set(chunks) - set(whole):  # a last partial chunk on its own
             self.encoded[c] = self._embedder(torch.tensor([self._ids[c * size :]], device=device))[0]
 
@@ -257,7 +260,8 @@ class Library:
     def answer(self, question: str, documents: int = 2, strategy: str = DEFAULT_STRATEGY, max_new_tokens: int = 96,
                sources: list[Source] | None = None, max_k: int = 64, **generate_kwargs) -> Answer:
         """Answers from the retrieved documents (or ``sources`` when given) as the planner reads them: by default
-        (``hybrid``) the passages nearest to the question as plain tokens, the rest of the documents compressed."""
+        (``rag``, see ``plan.DEFAULT_STRATEGY``) the passages nearest to the question as plain tokens; ``hybrid`` adds
+        the rest of the documents compressed."""
         start = time.perf_counter()
         vector = self._question_vector(question)  # once, for the search and for each chunk's relevance
         sources = sources if sources is not None else self._search(vector, documents)

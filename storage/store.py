@@ -27,6 +27,8 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,6 +76,18 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+# One re-entrant lock per store path in this process, held with the file lock: filelock's per-path singleton is shared
+# by the process's threads (re-entrant across them), and flock may be per process on network filesystems, so neither
+# keeps a second thread out.
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(path: Path) -> threading.RLock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(os.path.realpath(path), threading.RLock())
+
+
 def _repair_hint(path: Path) -> str:
     return f"run: extemb store verify {path} (and extemb store repair {path})"
 
@@ -102,8 +116,9 @@ class Store:
         self.path = path
         self.group = group
         self.attrs = dict(group.attrs)
-        # One lock object per store path in this process, so the job's lock and its commits nest.
+        # One lock object per store path in this process, so the job's lock and its commits nest (in one thread).
         self._lock = filelock.FileLock(path / LOCK, is_singleton=True, thread_local=False)
+        self._thread_lock = _thread_lock(path)
 
     # ---- opening -----------------------------------------------------------------------------------------------
 
@@ -181,19 +196,32 @@ class Store:
         except (OSError, ValueError, KeyError):
             return "another process"
 
+    def _busy(self) -> UserError:
+        return UserError(f"the store {self.path} is being written by {self.holder()}; wait for it to finish "
+                         "(or pass --wait)")
+
     @contextmanager
     def lock(self, wait: bool = False, timeout: float | None = None):
         """The store's one writer: held by a job for its whole write phase and by every commit and repair.
-        Refused at once (or after ``timeout`` seconds) with a message naming the holder, unless ``wait``."""
+        Refused at once (or after ``timeout`` seconds) with a message naming the holder, unless ``wait``.
+        Re-entrant in one thread; another thread of this process waits or is refused like another process."""
         self._check_writable()
-        first = not self._lock.is_locked
+        timeout = -1 if wait else (timeout or 0)
+        start = time.monotonic()
+        if not self._thread_lock.acquire(timeout=timeout):
+            raise self._busy()
+        held = False
         try:
-            self._lock.acquire(timeout=-1 if wait else (timeout or 0))
+            first = not self._lock.is_locked  # this thread's outermost hold
+            self._lock.acquire(timeout=-1 if timeout < 0 else max(0.0, timeout - (time.monotonic() - start)))
+            held = True
         except filelock.Timeout:
-            raise UserError(f"the store {self.path} is being written by {self.holder()}; wait for it to finish "
-                            "(or pass --wait)") from None
+            raise self._busy() from None
         except PermissionError:
             raise UserError(f"the store {self.path} is read-only; copy it or fix its permissions to write to it") from None
+        finally:
+            if not held:
+                self._thread_lock.release()
         try:
             if first:
                 (self.path / f"{LOCK}.holder").write_text(json.dumps({
@@ -202,6 +230,7 @@ class Store:
             yield self
         finally:
             self._lock.release()
+            self._thread_lock.release()
 
     # ---- the manifest ------------------------------------------------------------------------------------------
 

@@ -81,3 +81,37 @@ def test_console_script_runs_as_a_process(tmp_path, tiny_args):
     bad_model = subprocess.run([exe, "ppl", str(tmp_path / "absent.txt"), "--model", str(tmp_path / "nomodel")],
                                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert bad_model.returncode == 2 and "Traceback" not in bad_model.stderr
+
+
+def eval_ppl(data, tiny_args, methods="ext:4,foreign:ext:4"):
+    return main(["eval-ppl", "--data", str(data), "--context", "200", "--tail", "32", "--samples", "1",
+                 "--methods", methods, *tiny_args])
+
+
+@pytest.mark.parametrize("lengths,message", [((900,), "give --data two or more documents"),
+                                             ((900, 60), "need a 232-token donor span")])
+def test_eval_ppl_foreign_without_a_donor_is_one_line(tmp_path, tiny_args, capsys, lengths, message):
+    for i, n in enumerate(lengths):
+        (tmp_path / f"doc{i}.txt").write_text(TEXT[:n])
+    assert eval_ppl(tmp_path, tiny_args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_eval_ppl_names_every_document_apart(tmp_path, tiny_args, monkeypatch):
+    import extensible.evaluate
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "emma.txt").write_text(TEXT[:300] + folder)
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"text": TEXT[:n]}) + "\n" for n in (400, 500)))
+    seen = {}
+
+    def fake_evaluate(protocol, documents, *args, **kwargs):
+        seen.update(documents)
+        return [], {}
+
+    monkeypatch.setattr(extensible.evaluate, "evaluate", fake_evaluate)
+    assert eval_ppl(tmp_path, tiny_args, "window") == 0
+    assert sorted(seen) == ["a/emma.txt", "b/emma.txt", "qa:0", "qa:1"]
+    assert sorted(map(len, seen.values())) == [301, 301, 400, 500]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from extensible import UserError
-from extensible.evaluate import Protocol, bootstrap_interval, draw_samples, evaluate, markdown_report, parse_methods
+from extensible.evaluate import (Protocol, bootstrap_interval, document_names, donor_span, draw_samples, evaluate,
+                                 markdown_report, parse_methods)
 from jobs.cli import main
 
 
@@ -30,6 +31,67 @@ def test_samples_are_deterministic_and_skip_short_documents():
 def test_bad_methods_are_refused(text):
     with pytest.raises(UserError):
         parse_methods(text)
+
+
+def test_foreign_methods_parse_only_for_eval_ppl():
+    methods = parse_methods("window,foreign:ext:4,foreign:ext:adaptive", foreign=True)
+    assert methods == ["window", "foreign:ext:4", "foreign:ext:adaptive"]
+    for text, foreign in [("foreign:ext:4", False), ("foreign:window", True), ("foreign:ext:0", True)]:
+        with pytest.raises(UserError):
+            parse_methods(text, foreign=foreign)
+
+
+def library():
+    gen = torch.Generator().manual_seed(1)
+    lengths = {"a": 600, "b": 500, "c": 400, "d": 100}
+    return {name: torch.randint(2, 90, (n,), generator=gen) for name, n in lengths.items()}
+
+
+def owners(documents, span):
+    """The documents that hold ``span`` somewhere."""
+    n = len(span)
+    return [name for name, ids in documents.items()
+            if any(torch.equal(ids[o : o + n], span) for o in range(len(ids) - n + 1))]
+
+
+def test_donor_spans_come_from_another_document_and_repeat_with_the_seed():
+    docs = library()
+    for seed in range(5):
+        for context in (50, 200):
+            for sample in draw_samples(docs, context, 32, 3, seed):
+                donor = donor_span(docs, sample, context, seed)
+                assert len(donor) == len(sample.ids) and torch.equal(donor, donor_span(docs, sample, context, seed))
+                assert owners(docs, donor) and sample.document not in owners(docs, donor)
+
+
+def test_foreign_reads_the_donor_rows_and_only_them(tiny_lm):
+    docs = library()
+    rows, per_sample = evaluate(Protocol(tiny_lm), docs, [50, 200], ["window", "full", "ext:4", "foreign:ext:4"],
+                                tail=32, per_document=2, progress=False)
+    assert ("foreign:ext:4", 200) in {(row["method"], row["context"]) for row in rows}
+    for i, sample in enumerate(draw_samples(docs, 200, 32, 2)):  # 232 tokens at k=4: 12 chunks compressed
+        donor = donor_span(docs, sample, 200)
+        expected = tiny_lm.score(sample.ids, 32, 4, full=tiny_lm.encode(donor)).mean_nll
+        assert per_sample[("foreign:ext:4", 200)][i] == expected
+    assert not np.allclose(per_sample[("foreign:ext:4", 200)], per_sample[("ext:4", 200)])
+    # 82 tokens fit the 96-token window: nothing is compressed, so nothing is foreign
+    assert np.array_equal(per_sample[("foreign:ext:4", 50)], per_sample[("ext:4", 50)])
+    report = markdown_report(rows, per_sample)
+    row = next(line for line in report.splitlines() if line.startswith("| ext:4 - foreign:ext:4 | 200 |"))
+    assert row.endswith("% |") and "nats/token" in report
+
+
+@pytest.mark.parametrize("lengths,message", [({"a": 600}, "give --data two or more documents"),
+                                             ({"a": 600, "b": 100}, "need a 232-token donor span")])
+def test_foreign_without_a_donor_is_refused_before_scoring(tiny_lm, lengths, message):
+    docs = {name: torch.randint(2, 90, (n,)) for name, n in lengths.items()}
+    with pytest.raises(UserError, match=message):
+        evaluate(Protocol(tiny_lm), docs, [200], ["ext:4", "foreign:ext:4"], tail=32, progress=False)
+
+
+def test_document_names_are_unique_and_readable():
+    sources = ["/d/a/emma.txt", "/d/b/emma.txt", "/d/moby.txt", "/d/emma.md", "/d/qa.jsonl:0", "/d/qa.jsonl:3"]
+    assert document_names(sources) == ["a/emma.txt", "b/emma.txt", "moby", "emma.md", "qa:0", "qa:3"]
 
 
 def test_baselines_agree_where_they_must(tiny_lm):

@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,55 @@ def test_two_writers_committing_at_once_lose_nothing(tmp_path):
     assert sorted(ids) == sorted(f"{who}{i}" for who in "ab" for i in range(150))
     assert (path / "manifest.prev.parquet").exists()  # the generation before the last commit
     assert not list(path.glob(".*.tmp"))
+
+
+def test_two_threads_committing_at_once_lose_nothing(tmp_path, monkeypatch):
+    # filelock's per-path singleton is re-entrant across the threads of a process: the store must exclude them itself.
+    path = Store.create_or_open(tmp_path / "store", "e", "l", HIDDEN, CHUNK, block_rows=256).path
+    write_manifest = Store._write_manifest
+
+    def slow_write(self, table):  # widens the read-then-write window of a commit: a race would lose rows every time
+        time.sleep(0.05)
+        write_manifest(self, table)
+
+    monkeypatch.setattr(Store, "_write_manifest", slow_write)
+    start = threading.Barrier(2)
+
+    def writer(seeds):
+        store = Store.open(path)
+        start.wait()
+        for seed in seeds:
+            write_rows(store, 100, seed=seed)
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(writer, seeds) for seeds in (range(1, 5), range(5, 9))]:
+            done.result()  # re-raises a thread's error
+    store = Store.open(path)
+    assert sorted(store.manifest().column("doc_id").to_pylist()) == sorted(f"doc{seed}" for seed in range(1, 9))
+    assert store.verify() == []
+
+
+def test_a_second_thread_is_refused_or_waits_like_a_second_process(store):
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with Store.open(store.path).lock():
+            held.set()
+            release.wait(30)
+
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(hold)
+        try:
+            assert held.wait(30)
+            with pytest.raises(UserError, match=f"being written by pid {os.getpid()} .*--wait"):
+                with store.lock():
+                    pass
+            threading.Timer(0.2, release.set).start()
+            with store.lock(wait=True):  # --wait: blocks until the other thread lets go
+                assert release.is_set()
+        finally:
+            release.set()
+        holder.result()
 
 
 def test_a_second_writer_is_refused_naming_the_holder_and_commits_never_duplicate(store):

@@ -2,10 +2,14 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +137,22 @@ def test_gpu_actors_are_checked_against_the_cluster(corpus, tiny8, tmp_path):
                    progress=False)
     with pytest.raises(UserError, match="--gpus-per-worker must be 0 or more"):
         precompute(str(corpus), str(tmp_path / "store"), model=tiny8, chunk_size=16, gpus_per_worker=-1)
+
+
+# ---- packaging -----------------------------------------------------------------------------------------------------
+
+def test_every_documented_install_gets_exactly_one_faiss():
+    # faiss-cpu and faiss-gpu-cu12 both own the `faiss` module: installed side by side, one overwrites the other.
+    repo = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+
+    def faiss(extras):
+        requirements = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]
+        return {name for r in requirements if (name := re.match(r"[\w.-]+", r).group().lower()).startswith("faiss")}
+
+    setup = re.search(r'pip install .*-e "\.\[([\w,]*)\]"', (repo / "Makefile").read_text()).group(1).split(",")
+    assert faiss([]) == set()  # only an extra brings faiss, so an install chooses its build
+    assert faiss(setup) == {"faiss-cpu"}  # make setup, on the CPU machines
+    assert faiss(["gpu"]) == faiss(["gpu", "dev"]) == {"faiss-gpu-cu12"}  # GPU machines
+    installed = {name for d in metadata.distributions() if (name := d.metadata["Name"].lower()).startswith("faiss")}
+    assert len(installed) == 1, installed  # this environment too

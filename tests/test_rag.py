@@ -15,14 +15,16 @@ from extensible import UserError
 from extensible.downscale import downscale_chunk, num_kept
 from extensible.errors import ContextTooLongError
 from extensible.plugins import load_extensible
-from jobs.cli import main
+from jobs.cli import build_parser, main
 from pipeline.precompute import precompute
 from rag.index import PassageIndex, build_index
 from rag.langchain import ChatExtensible, ExtensibleLLM, StoreRetriever
 from rag.library import InMemoryDocument, Library, build_query, generate_answer
-from rag.plan import Unit, plan
-from rag.qa_eval import (EvalDocument, ForeignRows, QAEvaluation, answer_chunks, answer_read, evaluate_qa,
-                         exact_match, qa_markdown, read_leval, rouge_l, spread_questions, token_f1)
+from rag.library import Prompt
+from rag.plan import DEFAULT_STRATEGY, Unit, plan
+from rag.qa_eval import (EvalDocument, ForeignRows, QAEvaluation, answer_chunks, answer_read, choose_donors,
+                         evaluate_qa, exact_match, paired_differences, parse_qa_methods, qa_markdown, read_leval,
+                         rouge_l, spread_questions, summarise, task_names, token_f1)
 from storage.store import Store
 
 from .conftest import save_tiny
@@ -38,6 +40,12 @@ TOPICS = {
 def document(seed: int, topic: str) -> str:
     words = " ".join(np.random.default_rng(seed).choice(FILLER, 300))
     return f"{words}\n{TOPICS[topic]}\n{words[:400]}\n"
+
+
+def letters(seed: int, n: int = 1500) -> str:
+    """Random letters: under the character tokenizer, a text sharing no 8-gram with ``document``'s (whose filler
+    words make every two of them share most 8-grams) -- a donor for the foreign controls."""
+    return "".join(np.random.default_rng(seed).choice(list("abcdefghijklmnopqrstuvwxyz  "), n))
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +118,11 @@ def test_rag_plan_reads_the_most_relevant_chunks_raw_and_hybrid_adds_the_rest_co
     tight = plan(chunks, 1, 35, "hybrid", max_k=16).ks[0]  # 3 slots left: the three most relevant of the rest
     assert {c for c, k in tight.items() if k == 16} == {5, 9, 8}
     assert plan(units([16] * 3), 1, 100, "hybrid").ks[0] == {0: 1, 1: 1, 2: 1}  # a document that fits is read raw
+    assert plan(chunks, 1, 40, "rag:4", max_k=2).ks[0] == {2: 4, 7: 4}  # rag's chunks, all at k=4 (max_k aside)
+    assert plan(chunks, 1, 40).ks[0] == rag  # rag is the default
+    for bad in ("rag:1", "rag:x", "hybrid:4"):
+        with pytest.raises(UserError, match="rag:K|unknown strategy"):
+            plan(chunks, 1, 40, bad)
 
 
 def test_plan_leaves_out_the_least_relevant_chunks_when_even_max_k_overflows():
@@ -123,6 +136,24 @@ def test_plan_leaves_out_the_least_relevant_chunks_when_even_max_k_overflows():
 
 
 # ---- reading only the planned rows -------------------------------------------------------------------------------
+
+
+def test_a_lazy_document_encodes_a_reads_chunks_in_bounded_batches(tiny_lm):
+    ids = [3 + i % 90 for i in range(16 * 7 + 5)]  # 7 whole chunks and a partial one
+    batches = []
+    hook = tiny_lm.embedder.register_forward_hook(lambda module, args, output: batches.append(len(args[0])))
+    try:
+        document = InMemoryDocument.lazy(ids, 16, tiny_lm.embedder, encode_batch=3)
+        with torch.no_grad():
+            read = document.downscaled_chunks({c: 4 for c in range(8)})
+    finally:
+        hook.remove()
+    assert batches == [3, 3, 1, 1]  # the 7 whole chunks 3 at a time, then the partial one
+    with torch.no_grad():
+        expected = tiny_lm.encode(ids)
+    for chunk in range(8):
+        assert torch.allclose(read[chunk], downscale_chunk(expected[16 * chunk : 16 * (chunk + 1)], 4, "strided", 0,
+                                                           chunk), atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["strided", "random", "terminal", "mean"])
@@ -192,9 +223,11 @@ def test_answer_reads_the_retrieved_documents_within_the_window(store_path, lm):
             assert source.raw_chunks == [c for c, k in source.chunk_ks.items() if k == 1]
     volcano = answer.sources[0]
     topic_chunk = max(p["chunk"] for p in volcano.passages if "lava" in p["text"])
-    hybrid = library.answer("What flowed down the volcano?", documents=2, max_new_tokens=4)
+    hybrid = library.answer("What flowed down the volcano?", documents=2, strategy="hybrid", max_new_tokens=4)
     assert hybrid.strategy == "hybrid" and topic_chunk in hybrid.sources[0].raw_chunks  # the hit is read raw
     assert hybrid.sources[0].k_max > 1  # and the rest compressed
+    default = library.answer("What flowed down the volcano?", documents=2, max_new_tokens=4)
+    assert default.strategy == DEFAULT_STRATEGY == "rag" and default.sources[0].k_max == 1  # passages only
 
 
 def test_stored_and_in_memory_documents_give_the_same_input_and_answer(store_path, lm):
@@ -229,6 +262,7 @@ def test_bad_questions_and_stores_are_refused(store_path, lm, tiny8, tmp_path):
 def test_langchain_retriever_chat_model_and_llm(store_path, lm):
     library = Library(store_path, lm=lm)
     assert ChatExtensible(store=str(store_path)).library is None  # a cheap constructor: nothing loads
+    assert ChatExtensible(store=str(store_path)).strategy == ExtensibleLLM(store=str(store_path)).strategy == "rag"
     retriever = StoreRetriever(library=library, k=3)
     documents = retriever.invoke("hot magma and lava")
     assert len(documents) == 3 and documents[0].metadata["source"].endswith("volcano.txt")
@@ -256,6 +290,7 @@ def test_cli_index_and_ask(store_path, tiny8, capsys):
                  "--json", "Where did the lava go?"])
     answer = json.loads(capsys.readouterr().out)
     assert code == 0 and answer["sources"][0]["source"].endswith("volcano.txt") and answer["new_tokens"] >= 1
+    assert answer["strategy"] == "rag" and build_parser().parse_args(["ask", "--store", "s", "q"]).strategy is None
     assert main(["ask", "--store", str(store_path.parent / "nowhere"), "q"]) == 2
     assert "no store at" in capsys.readouterr().err
     shutil.rmtree(store_path / "index")
@@ -394,29 +429,123 @@ def test_eval_qa_skips_and_counts_a_question_longer_than_the_window_and_reads_a_
 def test_foreign_reads_hybrids_plan_with_another_documents_compressed_rows(lm, tmp_path):
     first = {"input": document(1, "bank") + document(2, "volcano") + "The end.", "instructions": ["What flowed?"],
              "outputs": ["lava"]}
-    second = {"input": document(3, "football") + document(4, "bank"), "instructions": ["Who cheered?"],
-              "outputs": ["the fans"]}
+    second = {"input": letters(3, 2490) + TOPICS["football"], "instructions": ["Who cheered?"], "outputs": ["the fans"]}
     data = qa_file(tmp_path, [first, second])
     rows, records = evaluate_qa(lm, [data], ["hybrid", "foreign"], max_new_tokens=4, generate=False, progress=False)
     by = {(r["document"], r["method"]): r for r in records}
     for d in (0, 1):  # the same plan (raw passages and k per chunk), other rows where it compresses
-        assert by[(d, "foreign")]["chunk_ks"] == by[(d, "hybrid")]["chunk_ks"]
+        assert by[(d, "foreign:hybrid")]["chunk_ks"] == by[(d, "hybrid")]["chunk_ks"]  # foreign is foreign:hybrid
         assert any(k > 1 for k in by[(d, "hybrid")]["chunk_ks"].values())
-        assert by[(d, "foreign")]["answer_nll"] > 0
-    assert "`hybrid` minus `foreign`" in qa_markdown(rows, records)
+        assert by[(d, "foreign:hybrid")]["answer_nll"] > 0 and by[(d, "foreign:hybrid")]["donor"] == 1 - d
+    assert "| hybrid - foreign:hybrid | bank_qa | 2 |" in qa_markdown(rows, records)
 
     evaluation = QAEvaluation(lm, max_new_tokens=4)
     doc, donor = (EvalDocument(lm, evaluation.encoder, r["input"]) for r in (first, second))
     doc.donor = donor
     own, _ = evaluation.query("hybrid", doc, "What flowed?")
-    other, _ = evaluation.query("foreign", doc, "What flowed?")
+    other, _ = evaluation.query("foreign:hybrid", doc, "What flowed?")
     same = (own == other).all(dim=-1)[0]  # positions holding the same vector: template, question and raw passages
     assert own.shape == other.shape and same.sum() > 0 and not same.all()
+    assert torch.equal(evaluation.query("foreign", doc, "What flowed?")[0], other)  # the old name, the same input
     foreign = ForeignRows(doc.stored, donor.stored)
     got, want = foreign.downscaled_chunks({0: 4, 1: 16}), donor.stored.downscaled_chunks({0: 4, 1: 16})
     assert all(torch.equal(got[c], want[c]) for c in (0, 1))  # chunk c holds the donor's chunk c, at its own k
     last = doc.stored.num_chunks - 1  # a last partial chunk gets the rows its own length keeps
     assert doc.stored.chunk_length(last) < doc.stored.chunk_size
     assert len(foreign.downscaled_chunks({last: 4})[last]) == num_kept(doc.stored.chunk_length(last), 4)
-    with pytest.raises(UserError, match="holds one document"):
+    with pytest.raises(UserError, match="one.jsonl: document 1 has no donor"):
         evaluate_qa(lm, [qa_file(tmp_path, [first], "one.jsonl")], ["foreign"], generate=False, progress=False)
+
+
+def test_rag_k_reads_rags_chunks_compressed_and_its_foreign_control_the_donors_rows(lm):
+    evaluation = QAEvaluation(lm, max_new_tokens=4)
+    doc = EvalDocument(lm, evaluation.encoder, document(1, "bank") + document(2, "volcano"))
+    doc.donor = EvalDocument(lm, evaluation.encoder, letters(5, 2000))
+    question = "What flowed?"
+    rag = evaluation.query("rag", doc, question)[1]["chunk_ks"]
+    embeds, read = evaluation.query("rag:4", doc, question)
+    assert len(rag) > 1 and read["chunk_ks"] == dict.fromkeys(rag, 4)  # exactly rag's chunks, all at k=4
+    prompt, ks = Prompt(lm, question, None, 1, 4), {int(c): 4 for c in rag}
+
+    def by_hand(rows_of) -> torch.Tensor:  # the template, each chunk's rows in document order, the question
+        rows = rows_of.downscaled_chunks(ks, lm.method, lm.seed)
+        return lm.compose(prompt.segments([[rows[c] for c in sorted(ks)]]))
+
+    assert torch.equal(embeds, by_hand(doc.stored))  # no raw document token
+    foreign, foreign_read = evaluation.query("foreign:rag:4", doc, question)
+    assert foreign_read == read and torch.equal(foreign, by_hand(ForeignRows(doc.stored, doc.donor.stored)))
+    assert not torch.equal(foreign, embeds)
+
+
+def test_qa_methods_take_rag_k_and_foreign_controls_of_methods_that_read_compressed_chunks(tmp_path):
+    assert parse_qa_methods("rag, rag:4,foreign,foreign:hybrid,foreign:rag:4,foreign:ext:graded") == [
+        "rag", "rag:4", "foreign:hybrid", "foreign:rag:4", "foreign:ext:graded"]
+    for bad, message in [("foreign:rag", "foreign:rag: rag reads nothing compressed"), ("foreign:full", "nothing"),
+                         ("foreign:ext:4", "ext:K, the runtime's layout, has none"), ("rag:1", "K >= 2"),
+                         ("foreign:foreign", "unknown method"), ("rag:x", "K >= 2")]:
+        with pytest.raises(UserError, match=message):
+            parse_qa_methods(bad)
+    assert main(["eval-qa", "--data", str(tmp_path / "any.jsonl"), "--methods", "rag,foreign:rag"]) == 2
+
+
+def test_donor_is_the_next_document_sharing_under_a_fifth_of_its_8_grams(lm):
+    a, b = letters(1, 600), letters(3, 600)
+    near = a[:300] + letters(2, 300)  # half of a's 8-grams, like neighbouring L-Eval records
+    tokenizer, size = lm.tokenizer, lm.chunk_size
+    assert choose_donors(tokenizer, [a, near, b], size, [0, 1, 2], "f.jsonl") == {0: 2, 1: 2, 2: 0}
+    assert choose_donors(tokenizer, [a, a[100:300], b], size, [0], "f.jsonl") == {0: 2}  # a donor inside the document
+    assert choose_donors(tokenizer, [a, "short", b], size, [0], "f.jsonl") == {0: 2}  # no whole chunk
+    with pytest.raises(UserError, match="f.jsonl: document 1 has no donor.*add other documents"):
+        choose_donors(tokenizer, [a, near], size, [0], "f.jsonl")
+
+
+def test_eval_qa_reports_each_foreign_control_and_the_content_rag_k_recovers(lm, tmp_path):
+    first = {"input": document(1, "bank") + document(2, "volcano"), "instructions": ["What flowed?", "What rose?"],
+             "outputs": ["lava", "rates"]}
+    second = {"input": letters(3, 2500), "instructions": ["Who cheered?"], "outputs": ["fans"]}
+    methods = parse_qa_methods("window,rag,rag:4,foreign:rag:4,hybrid,foreign")
+    rows, records = evaluate_qa(lm, [qa_file(tmp_path, [first, second])], methods, max_new_tokens=4, generate=False,
+                                progress=False)
+    by = {(r["document"], r["question_index"], r["method"]): r for r in records}
+    assert by[(0, 0, "foreign:rag:4")]["chunk_ks"] == by[(0, 0, "rag:4")]["chunk_ks"]
+    assert set(by[(0, 0, "rag:4")]["chunk_ks"]) == set(by[(0, 0, "rag")]["chunk_ks"])
+    report = qa_markdown(rows, records)
+    for line in ("| rag:4 - foreign:rag:4 | all | 3 |", "| hybrid - foreign:hybrid | all | 3 |",
+                 "Content recovered", "| rag:4 | all | 3 |", "| rag held the answer |"):
+        assert line in report
+    rename = lambda rs: [{**r, "method": "foreign"} if r["method"] == "foreign:hybrid" else r for r in rs]  # noqa: E731
+    assert qa_markdown(rename(rows), rename(records)) == report  # a report of before foreign:M, read alike
+
+
+def test_all_rows_weigh_every_question_alike():
+    records = [{"task": "one", "document": 0, "question_index": 0, "method": m, "answer_nll": v, "seconds": 1.0}
+               for m, v in (("hybrid", 11.0), ("rag", 1.0))]
+    records += [{"task": "many", "document": 0, "question_index": j, "method": m, "answer_nll": 1.0 + j,
+                 "seconds": 1.0} for j in range(4) for m in ("hybrid", "rag")]
+    differences = paired_differences(records, "hybrid", "rag")
+    assert differences["one"][:2] == (1, 10.0) and differences["many"][:2] == (4, 0.0)
+    assert differences["all"][:2] == (5, 2.0)  # the files' average would be 5.0
+    rows = summarise(records, ["hybrid", "rag"], ["one", "many"])
+    pooled = next(r for r in rows if r["method"] == "hybrid" and r["task"] == "all")
+    assert pooled["n"] == 5 and pooled["answer_nll"] == pytest.approx((11 + 1 + 2 + 3 + 4) / 5)
+    assert "| hybrid | all | 5 | +2.000 |" in qa_markdown(rows, records)
+
+
+def test_same_stem_files_in_other_folders_stay_separate_tasks(lm, tmp_path):
+    files = []
+    for folder, questions in (("a", ["Who moved?"]), ("b", ["What moved?", "Where?"])):
+        (tmp_path / folder).mkdir()
+        record = {"input": "Savers moved.", "instructions": questions, "outputs": ["x"] * len(questions)}
+        files.append(qa_file(tmp_path / folder, [record]))
+    assert task_names(files) == ["a/bank_qa.jsonl", "b/bank_qa.jsonl"]
+    assert task_names([files[0], str(tmp_path / "other.jsonl")]) == ["bank_qa", "other"]  # the stem when unambiguous
+    with pytest.raises(UserError, match="given twice"):
+        task_names([files[0], str(tmp_path / "a" / ".." / "a" / "bank_qa.jsonl")])
+    rows, records = evaluate_qa(lm, files, ["rag"], max_new_tokens=4, generate=False, progress=False,
+                                journal=tmp_path / "journal.jsonl")
+    assert {r["task"]: r["n"] for r in rows} == {"a/bank_qa.jsonl": 1, "b/bank_qa.jsonl": 2, "all": 3}
+    assert [(r["task"], r["question"]) for r in records] == [
+        ("a/bank_qa.jsonl", "Who moved?"), ("b/bank_qa.jsonl", "What moved?"), ("b/bank_qa.jsonl", "Where?")]
+    _, again = evaluate_qa(lm, files, ["rag"], max_new_tokens=4, generate=False, progress=False,
+                           journal=tmp_path / "journal.jsonl")
+    assert again == records  # each file's records reused for that file only

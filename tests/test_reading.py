@@ -1,0 +1,138 @@
+"""The read stage on a tiny random Llama: samples whose evidence exists only compressed, the loss the frozen LLM
+gives them (next-token, KL to the LLM reading the evidence raw, the own-vs-foreign hinge), QA samples laid out as
+eval-qa's rag:K reads them, and the recipe's GPU sizing run at tiny size on the CPU, resuming exactly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from extensible import EmbedderConfig, ExtensibleEmbedder, UserError
+from extensible.downscale import downscale_chunk
+from extensible.reading import ReadingSample, ReadingWeights, foreign_rows, reading_loss
+from extensible.training import book_reading_samples
+from jobs.read_recipe import main as read_recipe
+from rag.library import prompt_parts
+from rag.read_train import QAReading
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def words(seed: int, n: int) -> str:
+    return " ".join(np.random.default_rng(seed).choice(WORDS, n))
+
+
+@pytest.fixture
+def embedder(tiny):
+    llm, tokenizer = tiny
+    torch.manual_seed(0)
+    return ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16, row_mlp=32))
+
+
+def samples_of(tokenizer, count: int) -> list[ReadingSample]:
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [ReadingSample(ids("Q:"), [ids(words(s, 20))[:16], ids(words(s + 9, 20))[:11]], ids("\nA:"),
+                          ids(words(s + 5, 5))[:8]) for s in range(count)]
+
+
+def test_the_student_reads_only_rows_and_the_loss_is_its_target_nll(tiny, embedder):
+    llm, tokenizer = tiny
+    samples = samples_of(tokenizer, 2)
+    loss, metrics = reading_loss(llm, embedder, samples, [4, 2], 16, ReadingWeights(ce=1, distill=0, contrast=0))
+    loss.backward()
+    assert all(p.grad is None for p in llm.parameters())  # the LLM stays frozen
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in embedder.parameters() if p.requires_grad)
+
+    # by hand: [before tokens, each chunk's rows at its k, after tokens, target[:-1]] -> NLL of the target
+    embed = llm.get_input_embeddings()
+    expected = []
+    with torch.no_grad():
+        for sample, k in zip(samples, [4, 2]):
+            rows = [downscale_chunk(embedder(torch.tensor([chunk]))[0], k, "strided", chunk_index=j)
+                    for j, chunk in enumerate(sample.evidence)]
+            assert sum(len(r) for r in rows) == -(-16 // k) - (-11 // k)  # the kept rows: no raw copy of the evidence
+            inputs = torch.cat([embed(torch.tensor(sample.before)), *rows, embed(torch.tensor(sample.after)),
+                                embed(torch.tensor(sample.target[:-1]))])[None]
+            logits = llm(inputs_embeds=inputs).logits[0, -len(sample.target):]
+            expected.append(F.cross_entropy(logits, torch.tensor(sample.target), reduction="sum"))
+    assert loss.item() == pytest.approx((sum(expected) / sum(len(s.target) for s in samples)).item(), rel=1e-4)
+    assert "own_minus_foreign" in metrics and "kl" not in metrics  # the control is measured even without its hinge
+
+
+def test_distillation_and_the_hinge_add_their_terms(tiny, embedder):
+    llm, tokenizer = tiny
+    samples = samples_of(tokenizer, 3)
+    base, plain = reading_loss(llm, embedder, samples, [4, 4, 4], 16, ReadingWeights(ce=1, distill=0, contrast=0))
+    both, metrics = reading_loss(llm, embedder, samples, [4, 4, 4], 16,
+                                 ReadingWeights(ce=1, distill=2, contrast=3, margin=0.5))
+    assert metrics["kl"] > 0 and metrics["teacher_nll"] > 0
+    hinge = max(0.0, 0.5 + metrics["own_minus_foreign"])  # a lower bound: relu of the mean <= mean of the relus
+    assert both.item() >= base.item() + 2 * metrics["kl"] + 3 * hinge - 1e-4
+    assert metrics["own_minus_foreign"] == pytest.approx(plain["own_minus_foreign"], abs=1e-5)
+
+
+def test_foreign_rows_fill_the_own_slots_with_another_documents_rows():
+    own = [torch.zeros(16, 3), torch.zeros(11, 3)]
+    donor = [torch.arange(48.0).view(16, 3) + 1]
+    rows = foreign_rows(own, donor, 4, "strided")
+    assert [len(r) for r in rows] == [4, 3]  # the own chunks' slot counts
+    assert all((r != 0).all() for r in rows)  # every slot holds a donor row
+
+
+def test_book_samples_hold_the_evidence_once_and_reconstruct_on_request():
+    ids = torch.arange(64).view(2, 32)
+    continuation, again = book_reading_samples(ids, 16, 4, [False, True])
+    assert continuation.evidence == [list(range(16))] and continuation.target == list(range(16, 20))
+    assert again.evidence == [list(range(32, 48))] and again.target == list(range(32, 48))
+
+
+def qa_file(tmp_path, documents: int = 3):
+    records = [{"input": f"{words(d, 60)} The key was hidden under stone {d}. {words(d + 50, 60)}",
+                "instructions": ["Where was the key?"], "outputs": [f"under stone {d}"],
+                "answers": [[f"under stone {d}"]]} for d in range(documents)]
+    path = tmp_path / "qa_train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_qa_samples_are_rag_k_reads_of_the_answers_chunk_from_distinct_documents(tiny, tmp_path):
+    _, tokenizer = tiny
+    objective = QAReading([str(qa_file(tmp_path))], tokenizer, 64, [8], ReadingWeights(), questions=3,
+                          distractors=1, answer_tokens=10)
+    samples, ks = objective.draw()
+    assert len(samples) == 3 and ks == [8, 8, 8]
+    before, after = prompt_parts(tokenizer, "Where was the key?")
+    stones = set()
+    for sample in samples:
+        assert sample.before == before
+        assert sample.after == tokenizer("\n\n", add_special_tokens=False)["input_ids"] + after
+        text = [tokenizer.decode(chunk) for chunk in sample.evidence]
+        assert len(sample.evidence) == 2 and sum("under stone" in t for t in text) >= 1
+        stones.add(next(t for t in text if "under stone" in t).split("under stone ")[1][0])
+        assert tokenizer.decode(sample.target[:-1]) == "under sto"  # the answer, cut, then the end token
+        assert sample.target[-1] == tokenizer.eos_token_id
+    assert len(stones) == 3  # three documents
+    with pytest.raises(UserError, match="qa-questions"):
+        QAReading([str(qa_file(tmp_path))], tokenizer, 64, [8], ReadingWeights(), questions=1)
+
+
+def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "one.txt").write_text(words(1, 300))
+    (books / "two.txt").write_text(words(2, 300))
+    tiny = ["--gpu", "--model", str(tiny_path), "--init-from", "", "--data", str(books), "--exclude",
+            "--qa", str(qa_file(tmp_path)), "--qa-questions", "2", "--layers", "2", "--chunk", "64",
+            "--sample-tokens", "128", "--target-tokens", "8", "--ks", "2", "4", "--row-mlp", "16", "--batch-size", "2",
+            "--steps", "3", "--max-minutes", "60", "--save-every", "1"]
+    assert read_recipe([*tiny, "--out", str(tmp_path / "straight")]) == 0
+    assert read_recipe([*tiny, "--out", str(tmp_path / "resumed"), "--stop-at", "1"]) == 0
+    assert read_recipe([*tiny, "--out", str(tmp_path / "resumed")]) == 0
+    a, b = (load_file(tmp_path / run / "checkpoint" / "plugin" / "embedder.safetensors") for run in ("straight", "resumed"))
+    assert any(key.startswith("row_mlp.") for key in a)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
+    assert recorded["objective"] == "read" and recorded["contrast"] == 1 and recorded["objectives"]["qa_read"]

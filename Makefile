@@ -56,7 +56,9 @@ cluster-test: setup
 #    1,200 steps; 2. warm-started from stage 1, 450 steps with up to 3 raw chunks between the compressed context and
 #    the predicted chunk, as the runtime's sliding layout reads them; 3. warm-started from stage 2, 360 steps with k=64
 #    added to the k set (long contexts at W=1024 read best at k=64). Rerun to resume; MINUTES=N stops a stage cleanly
-#    after N minutes (checkpointed; exit 3, so a stage never starts from an unfinished one).
+#    after N minutes (checkpointed; exit 3, so a stage never starts from an unfinished one). The repository keeps
+#    these stages' cards, configs and logs but not their weights (stage 3's are the shipped plug-in): to retrain,
+#    remove runs/smollm2-lora32*/checkpoint first.
 TRAIN_ARGS = --data $(BOOKS) --exclude $(HELD_OUT) --lora-rank 32 --chunk 256 --sample-tokens 2048 \
 	--save-every 20 $(if $(MINUTES),--max-minutes $(MINUTES))
 train: setup
@@ -70,13 +72,13 @@ train: setup
 # Stage 4, the QA stage (rag/qa_train.py), warm-started from stage 3 (books only): each step one book sample (the
 # two-stream loss, so perplexity holds) plus four questions of one QA training document, each read exactly as the
 # hybrid planner builds its query at W = 1024, loss on the reference answer. Training files only: FairytaleQA val,
-# the held-out SQuAD articles and L-Eval stay out. runs/smollm2-qa holds step 124 of a planned 200 (~26 s a step on
-# 2 CPU cores); it is not the default plug-in (see its model card).
+# the held-out SQuAD articles and L-Eval stay out. runs/smollm2-qa stopped at step 124 of a planned 200 (~26 s a step
+# on 2 CPU cores); it is not the default plug-in (see its model card), and only its card and logs are kept.
 QA_TRAIN = out/qa/squad_train.jsonl $(QA)/fairytaleqa_train.jsonl $(QA)/qmsum_train.jsonl
 train-qa: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
 	$(PY) -m jobs.train_qa --data $(BOOKS) --exclude $(HELD_OUT) --lora-rank 32 --chunk 256 --sample-tokens 1024 \
-		--ks 4 8 16 32 64 --recent-chunks 2 --init-from runs/smollm2-lora32-k64/checkpoint/plugin --lr 1e-4 \
+		--ks 4 8 16 32 64 --recent-chunks 2 --init-from extensible/shipped/smollm2-135m-instruct --lr 1e-4 \
 		--warmup 10 --steps 200 --stop-at 124 --save-every 10 $(if $(MINUTES),--max-minutes $(MINUTES)) --out runs/smollm2-qa \
 		--qa $(QA_TRAIN)
 
@@ -109,11 +111,14 @@ eval-read: setup
 # The perplexity protocol on the held-out books (W = 1024, tail 512; 7680 + 512 = 8192 = SmolLM2's positions, so
 # full attention is the upper bound there; 25600 = 25W fits W = 1024 only at k >= 64), the paper's session policy
 # and the untrained embedder beside it, RoPE scaling past 8K, the Table 6 grid (k x L), then QA on the L-Eval files.
+# Every compressed method is measured beside its content control (foreign:M: another document's rows, same k and
+# positions): M - foreign:M is what the rows' content adds; the rest of M's gain is a learned prompt.
 # ~80 minutes on 2 CPU cores.
 HELD_OUT_FILES = $(foreach b,$(HELD_OUT),$(BOOKS)/$(b).txt)
 eval: setup
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 16384 25600 --tail 512 \
-		--samples 3 --methods window,full,streaming,ext:8,ext:16,ext:32,ext:64,ext:adaptive --json out/eval/ppl.json
+		--samples 3 --methods window,full,streaming,ext:8,ext:16,ext:32,ext:64,ext:adaptive,foreign:ext:8,foreign:ext:64 \
+		--json out/eval/ppl.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 --tail 512 --samples 3 \
 		--methods window,ext:16,ext:32 --policy session --json out/eval/ppl_session.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 4096 7680 --tail 512 --samples 3 \
@@ -130,8 +135,8 @@ eval: setup
 QA_FILES = $(QA)/fairytaleqa_val.jsonl out/qa/squad_heldout.jsonl $(wildcard $(LEVAL)/*.jsonl)
 eval-qa: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
-	$(EXTEMB) eval-qa --data $(QA_FILES) --window 1024 --methods window,full,rag,hybrid --limit 100 --no-generate \
-		--json out/eval/qa_w1024.json
+	$(EXTEMB) eval-qa --data $(QA_FILES) --window 1024 --methods window,full,rag,hybrid,foreign:hybrid,rag:8,foreign:rag:8 \
+		--limit 100 --no-generate --json out/eval/qa_w1024.json
 	$(EXTEMB) eval-qa --data $(QA_FILES) --window 4096 --methods window,rag,hybrid --limit 20 --no-generate \
 		--json out/eval/qa_w4096.json
 	$(EXTEMB) eval-qa --data $(QA_FILES) --window 1024 --methods rag,hybrid --limit 20 --json out/eval/qa_w1024_f1.json

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -244,14 +245,17 @@ class Trainer:
         trainable = [p for p in self.embedder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup, config.steps)
-        self.embedder, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.embedder, self.optimizer, self.scheduler)
+        # The scheduler stays outside accelerate: prepared, it would step num_processes times per optimizer step
+        # (accelerate counts per-process batches), shortening the warm-up and the schedule N times on N processes.
+        self.embedder, self.optimizer = self.accelerator.prepare(self.embedder, self.optimizer)
         self.objectives: list[Objective] = objectives(self) if objectives else []
         self.step = 0
         self.samples_seen = 0
-        random.seed(config.seed)
-        np.random.seed(config.seed)
-        torch.manual_seed(config.seed)
+        # one random stream per process, so that the processes draw different k, questions and documents
+        rank_seed = config.seed + self.accelerator.process_index
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
+        torch.manual_seed(rank_seed)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -261,6 +265,7 @@ class Trainer:
 
     def save(self) -> None:
         """Atomic: written beside, then renamed over the previous checkpoint."""
+        rng = gather_object([_rng_state()])  # every process's random stream, in rank order (all processes call this)
         if not self.accelerator.is_main_process:
             return
         tmp = self.out / "checkpoint.tmp"
@@ -269,7 +274,7 @@ class Trainer:
         embedder.config.trained_steps = self.steps_before + self.step
         embedder.save_pretrained(tmp / "plugin")
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "samples_seen": self.samples_seen, "rng": _rng_state()}, tmp / "state.pt")
+                    "step": self.step, "samples_seen": self.samples_seen, "rng": rng}, tmp / "state.pt")
         (tmp / "train_config.json").write_text(json.dumps(self._recorded_config(), indent=2))
         old = self.out / "checkpoint.old"
         if self.latest.exists():
@@ -301,7 +306,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        _set_rng_state(state["rng"])
+        rng = state["rng"]  # a list by rank; a checkpoint from before per-process streams holds one dict
+        _set_rng_state(rng[self.accelerator.process_index] if isinstance(rng, list) else rng)
         return True
 
     def _load_trainable(self, weights: Path, what: str, fresh_row_mlp: bool = False) -> None:
@@ -371,7 +377,8 @@ class Trainer:
                     if self.accelerator.sync_gradients and config.grad_clip:
                         self.accelerator.clip_grad_norm_(self.embedder.parameters(), config.grad_clip)
                     self.optimizer.step()
-                    self.scheduler.step()
+                    if self.accelerator.sync_gradients:  # the optimizer stepped: not a gradient-accumulation micro-step
+                        self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 total += loss.item() / config.grad_accum
                 for name, part in losses.items():

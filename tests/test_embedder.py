@@ -111,7 +111,8 @@ def test_other_architectures_run_end_to_end(tmp_path, model_type):
     embedder = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16))
     lm = ExtensibleLM(llm, tokenizer, embedder, window=96)
     ids = torch.randint(2, 90, (250,))
-    assert torch.allclose(lm.score(ids, 60, 4).token_nll, lm.score(ids, 60, 4, full=lm.encode(ids)).token_nll)
+    online, offline = lm.score(ids, 60, 4).token_nll, lm.score(ids, 60, 4, full=lm.encode(ids)).token_nll
+    torch.testing.assert_close(online, offline, rtol=0, atol=1e-4)  # chunks encoded in other batch shapes
     assert len(lm.generate(ids, 4, max_new_tokens=3)) >= 1
     embedder.save_pretrained(tmp_path / "plug")
     ExtensibleEmbedder.from_pretrained(tmp_path / "plug", llm, tokenizer)

@@ -151,3 +151,38 @@ def test_bad_training_input_is_refused(tiny_path, tmp_path):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[0, 4])
     with pytest.raises(UserError, match="recent-chunks must be in 0..2"):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[4], recent_chunks=3)
+
+
+def test_two_processes_keep_the_schedule_and_draw_different_samples(tiny_path, tmp_path):
+    """Two CPU processes for real (torchrun; accelerate takes the gloo backend): the learning rate follows the schedule of the
+    optimizer steps (a scheduler passed through accelerate.prepare steps once per process), each process draws its own
+    questions and k, and a checkpoint holds every process's random stream."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.test_reading import qa_file, words
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(2):
+        (books / f"{i}.txt").write_text(words(i, 400))
+    qa = qa_file(tmp_path, documents=6)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m",
+              "tests.two_processes", str(tiny_path), str(books), str(qa), str(out), "2"]
+    # ACCELERATE_USE_CPU: what `accelerate launch --cpu` sets; with torchrun's ranks accelerate takes gloo on the CPU
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["processes"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [2, 2]
+    # warm-up 2 of 4 steps: after 2 optimizer steps the rate is the peak; stepped twice per step it would be 0
+    assert [r["lr"] for r in ranks] == [pytest.approx(1e-3), pytest.approx(1e-3)]
+    assert ranks[0]["drawn"] != ranks[1]["drawn"]
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["rng"][0]["python"] != state["rng"][1]["python"]

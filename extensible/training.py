@@ -110,6 +110,10 @@ class TrainConfig:
                             f"needs one compressed and one predicted), got {self.recent_chunks}")
         if self.recent_chunks and self.objective != "ar":
             raise UserError("--recent-chunks applies to the ar objective only")
+        if self.row_mlp < 0:
+            raise UserError(f"--row-mlp must be >= 0 (0: no row MLP), got {self.row_mlp}")
+        if self.objective == "read" and self.contrast and self.batch_size < 2:
+            raise UserError("--contrast needs --batch-size >= 2: a sample's foreign rows are another sample's")
         if self.objective == "read" and not 1 <= self.target_tokens <= self.chunk_size:
             raise UserError(f"--target-tokens must be in 1..{self.chunk_size} (the chunk), got {self.target_tokens}")
         if not 0 <= self.reconstruct <= 1 or min(self.ce, self.distill, self.contrast) < 0:
@@ -274,7 +278,8 @@ class Trainer:
         embedder.config.trained_steps = self.steps_before + self.step
         embedder.save_pretrained(tmp / "plugin")
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "samples_seen": self.samples_seen, "rng": rng}, tmp / "state.pt")
+                    "step": self.step, "samples_seen": self.samples_seen, "rng": rng,
+                    "processes": self.accelerator.num_processes}, tmp / "state.pt")
         (tmp / "train_config.json").write_text(json.dumps(self._recorded_config(), indent=2))
         old = self.out / "checkpoint.old"
         if self.latest.exists():
@@ -303,6 +308,10 @@ class Trainer:
         with torch.serialization.safe_globals([np.ndarray, np.dtype, np._core.multiarray._reconstruct,
                                                type(np.dtype(np.uint32))]):
             state = torch.load(self.latest / "state.pt", weights_only=True)
+        processes = state.get("processes", 1)  # the data shards and random streams are per process
+        if processes != self.accelerator.num_processes:
+            raise UserError(f"{self.latest} was trained on {processes} process(es), not "
+                            f"{self.accelerator.num_processes}: resume with as many, or use another --out")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
@@ -315,7 +324,8 @@ class Trainer:
             raise UserError(f"{what}: {weights} not found")
         problem = self.accelerator.unwrap_model(self.embedder).load_trainable(load_file(weights), fresh_row_mlp)
         if problem:
-            raise UserError(f"{what} does not hold this embedder's tensors ({problem}; another LoRA rank or layer count?)")
+            raise UserError(f"{what} does not hold this embedder's tensors ({problem}; another LoRA rank, layer count "
+                            "or --row-mlp width?)")
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
@@ -396,7 +406,9 @@ class Trainer:
                     writer.add_scalar(f"train/{name}", value, self.step)
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             bar.update()
-            out_of_time = time.monotonic() > deadline
+            # every process stops at the same step (one may reach the deadline first): saving is a collective
+            out_of_time = bool(self.accelerator.reduce(
+                torch.tensor(float(time.monotonic() > deadline), device=self.accelerator.device), "max").item())
             if self.step % config.save_every == 0 or self.step == stop_at or out_of_time:
                 self.save()
             if out_of_time:

@@ -498,7 +498,13 @@ def _difference_rows(label: str, differences: dict[str, tuple]) -> list[str]:
 
 def _recovered_rows(records: list[dict], method: str) -> list[str]:
     """Per task and over all questions: what reading rag's passages compressed (``method`` = rag:K) recovers of what
-    they add raw over the window, (foreign:rag:K - rag:K) / (window - rag); n/a where rag is no better than window."""
+    they add raw over the window, (foreign:rag:K - rag:K) / (window - rag), both on the questions all four answered;
+    n/a where rag is no better than window."""
+    question = lambda r: (r["task"], r["document"], r["question_index"])  # noqa: E731
+    methods = (FOREIGN + method, method, "window", "rag")
+    shared = set.intersection(*({question(r) for r in records if r["method"] == m and "answer_nll" in r}
+                                for m in methods))
+    records = [r for r in records if question(r) in shared]
     content = paired_differences(records, FOREIGN + method, method)
     passages = paired_differences(records, "window", "rag")
     lines = []

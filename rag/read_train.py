@@ -75,7 +75,8 @@ class QAReading:
         chunks = sorted([gold[0], *random.sample(others, min(self.distractors, len(others)))])
         before, after = prompt_parts(self.tokenizer, record["instructions"][j])
         answer = self.tokenizer(reference, add_special_tokens=False)["input_ids"]
-        target = answer[: self.answer_tokens - len(self.end)] + self.end
+        # the end of the turn only after a whole answer: a cut one must not teach stopping mid-answer
+        target = answer + self.end if len(answer) < self.answer_tokens else answer[: self.answer_tokens]
         evidence = [ids[c * self.chunk_size : (c + 1) * self.chunk_size] for c in chunks]
         return ReadingSample(before, evidence, self.separator + after, target)
 

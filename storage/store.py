@@ -605,12 +605,21 @@ class StoredDocument:
 
 
 def embedder_fingerprint(embedder) -> str:
-    """Identifies the outputs an embedder produces: its config and every tensor it computes with."""
-    sha = hashlib.sha256(json.dumps({k: v for k, v in vars(embedder.config).items() if k != "trained_steps"},
-                                    sort_keys=True, default=str).encode())
-    for name, tensor in sorted(embedder.body.state_dict().items()):
+    """Identifies the outputs an embedder produces: its config and every tensor it computes with.
+
+    Tensors are hashed as bf16, so that one plug-in has one fingerprint whether it runs in bf16 (a GPU) or fp32 (a
+    CPU) -- a store precomputed on a GPU cluster is read on a CPU -- and as stores made before fp32 on CPUs recorded
+    it. A config without a row MLP hashes as configs did before the row MLP existed."""
+    config = {k: v for k, v in vars(embedder.config).items()
+              if k != "trained_steps" and not (k == "row_mlp" and not v)}
+    sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    tensors = dict(embedder.body.state_dict())
+    if embedder.row_mlp is not None:
+        tensors.update({f"row_mlp.{name}": t for name, t in embedder.row_mlp.state_dict().items()})
+    for name, tensor in sorted(tensors.items()):
         sha.update(name.encode())
-        sha.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        canonical = tensor.detach().cpu().to(torch.bfloat16).contiguous()
+        sha.update(canonical.view(-1).view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()[:16]
 
 

@@ -101,7 +101,7 @@ def qa_file(tmp_path, documents: int = 3):
 def test_qa_samples_are_rag_k_reads_of_the_answers_chunk_from_distinct_documents(tiny, tmp_path):
     _, tokenizer = tiny
     objective = QAReading([str(qa_file(tmp_path))], tokenizer, 64, [8], ReadingWeights(), questions=3,
-                          distractors=1, answer_tokens=10)
+                          distractors=1, answer_tokens=20)
     samples, ks = objective.draw()
     assert len(samples) == 3 and ks == [8, 8, 8]
     before, after = prompt_parts(tokenizer, "Where was the key?")
@@ -111,10 +111,13 @@ def test_qa_samples_are_rag_k_reads_of_the_answers_chunk_from_distinct_documents
         assert sample.after == tokenizer("\n\n", add_special_tokens=False)["input_ids"] + after
         text = [tokenizer.decode(chunk) for chunk in sample.evidence]
         assert len(sample.evidence) == 2 and sum("under stone" in t for t in text) >= 1
-        stones.add(next(t for t in text if "under stone" in t).split("under stone ")[1][0])
-        assert tokenizer.decode(sample.target[:-1]) == "under sto"  # the answer, cut, then the end token
-        assert sample.target[-1] == tokenizer.eos_token_id
+        stone = next(t for t in text if "under stone" in t).split("under stone ")[1][0]
+        stones.add(stone)
+        assert tokenizer.decode(sample.target[:-1]) == f"under stone {stone}"  # the answer of the evidence's document
+        assert sample.target[-1] == tokenizer.eos_token_id  # a whole answer ends the turn
     assert len(stones) == 3  # three documents
+    cut = QAReading([str(qa_file(tmp_path))], tokenizer, 64, [8], ReadingWeights(), questions=2, answer_tokens=5)
+    assert all(tokenizer.decode(s.target) == "under" for s in cut.draw()[0])  # a cut answer does not end the turn
     with pytest.raises(UserError, match="qa-questions"):
         QAReading([str(qa_file(tmp_path))], tokenizer, 64, [8], ReadingWeights(), questions=1)
 
@@ -136,3 +139,16 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     assert all(torch.equal(a[key], b[key]) for key in a)
     recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
     assert recorded["objective"] == "read" and recorded["contrast"] == 1 and recorded["objectives"]["qa_read"]
+
+
+def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):
+    from extensible.training import TrainConfig
+
+    base = dict(data=[str(tmp_path)], out=str(tmp_path / "out"), model=str(tiny_path), chunk_size=16, sample_tokens=32,
+                ks=[2], objective="read", target_tokens=8)
+    with pytest.raises(UserError, match="--contrast needs --batch-size >= 2"):
+        TrainConfig(**base, contrast=1.0, batch_size=1)
+    with pytest.raises(UserError, match="--row-mlp must be >= 0"):
+        TrainConfig(**base, row_mlp=-1)
+    with pytest.raises(UserError, match="--target-tokens must be in 1..16"):
+        TrainConfig(**{**base, "target_tokens": 17})

@@ -95,3 +95,21 @@ def test_another_embedder_never_writes_into_a_store(store):
         Store.create_or_open(store.path, "other", "l", HIDDEN, CHUNK)
     with pytest.raises(UserError, match="no store"):
         Store.open(store.path / "missing")
+
+
+def test_the_embedder_fingerprint_holds_across_precisions_and_covers_the_row_mlp(tiny):
+    import copy
+
+    from extensible import EmbedderConfig, ExtensibleEmbedder
+    from storage.store import embedder_fingerprint
+
+    llm, tokenizer = tiny
+    plain = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16))
+    # precomputed in bf16 on a GPU, read in fp32 on a CPU: the same plug-in
+    assert embedder_fingerprint(copy.deepcopy(plain).to(torch.bfloat16)) == embedder_fingerprint(plain)
+    with_mlp = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16, row_mlp=8))
+    before = embedder_fingerprint(with_mlp)
+    assert before != embedder_fingerprint(plain)
+    with torch.no_grad():
+        with_mlp.row_mlp.down.weight.add_(0.5)  # the same body, other row-MLP weights: other outputs
+    assert embedder_fingerprint(with_mlp) != before

@@ -15,7 +15,7 @@ from rag.read_train import QAReading
 
 def main(model: str, books: str, qa: str, out: str, stop_at: str | None = None) -> None:
     config = TrainConfig(data=[books], out=out, model=model, num_layers=2, chunk_size=64, sample_tokens=128,
-                         ks=[2, 4, 8], steps=4, warmup=2, lr=1e-3, save_every=1, objective="read", target_tokens=8,
+                         ks=[2, 4, 8], steps=4, warmup=2, lr=1e-3, save_every=1, objective="read", target_tokens=8, batch_size=2,
                          contrast=1.0)
     drawn = []
 

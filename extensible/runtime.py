@@ -88,8 +88,9 @@ class ExtensibleLM:
     def device(self) -> torch.device:
         return self.llm.device
 
-    def layout(self, k: int) -> Layout:
-        return Layout(self.window, self.chunk_size, k, self.policy)
+    def layout(self, k: int, reserved: int = 0) -> Layout:
+        """The layout of what is left of the window once ``reserved`` positions (a raw prefix) are taken."""
+        return Layout(self.window - reserved, self.chunk_size, k, self.policy)
 
     # ---- the embedder side -------------------------------------------------------------------------------------
 
@@ -147,10 +148,15 @@ class ExtensibleLM:
 
     # ---- the LLM side ------------------------------------------------------------------------------------------
 
-    def inputs_embeds(self, ex: torch.Tensor, raw_ids: torch.Tensor) -> torch.Tensor:
-        """[1, m + r, hidden]: extensible embeddings first, then the recent tokens' own embeddings."""
-        tokens = self.llm.get_input_embeddings()(raw_ids.to(self.device))
-        return torch.cat([ex.to(tokens.dtype), tokens])[None]
+    def inputs_embeds(self, ex: torch.Tensor, raw_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """[1, p + m + r, hidden]: the raw prefix's tokens (e.g. a chat template's opening), the extensible
+        embeddings, then the recent tokens' own embeddings."""
+        embed = self.llm.get_input_embeddings()
+        tokens = embed(raw_ids.to(self.device))
+        parts = [ex.to(tokens.dtype), tokens]
+        if prefix is not None and len(prefix):
+            parts.insert(0, embed(prefix.to(self.device)))
+        return torch.cat(parts)[None]
 
     @torch.no_grad()
     def _logprobs(self, embeds: torch.Tensor, keep: int, cache: DynamicCache | None = None) -> torch.Tensor:
@@ -165,12 +171,14 @@ class ExtensibleLM:
             raise UserError(f"the text has {n} tokens; it needs more than the {target_len}-token target")
 
     @torch.no_grad()
-    def score(self, ids, target_len: int, k: int, full=None) -> Score:
-        """NLL of the last ``target_len`` tokens, each predicted from the context the online session holds then."""
+    def score(self, ids, target_len: int, k: int, full=None, prefix=None) -> Score:
+        """NLL of the last ``target_len`` tokens, each predicted from the context the online session holds then;
+        ``prefix`` (token ids) is read raw in front of it all and never compressed."""
         ids = as_token_tensor(ids)
+        prefix = as_token_tensor(prefix if prefix is not None else [])
         n = len(ids)
         self._check_target(n, target_len)
-        layout = self.layout(k)
+        layout = self.layout(k, len(prefix))
         losses = []
         target = n - target_len  # index of the next token to score; its context is ids[:target]
         layout.compressed_chunks(n - 1)  # fail early, before any work, if the context cannot fit
@@ -179,7 +187,7 @@ class ExtensibleLM:
             last = min(n - 1, layout.limit(chunks))  # the last target predicted in this state
             ex = self.extensible_embeddings(ids, chunks, k, full)
             raw = ids[chunks * self.chunk_size : last]
-            logprobs = self._logprobs(self.inputs_embeds(ex, raw), keep=last - target + 1)
+            logprobs = self._logprobs(self.inputs_embeds(ex, raw, prefix), keep=last - target + 1)
             expected = ids[target : last + 1].to(logprobs.device)
             losses.append(-logprobs.gather(1, expected[:, None])[:, 0].cpu())
             target = last + 1
@@ -199,10 +207,12 @@ class ExtensibleLM:
         return Score(-logprobs.gather(1, expected[:, None])[:, 0].cpu())
 
     @torch.no_grad()
-    def generate(self, ids, k: int, max_new_tokens: int = 64, full=None, **generate_kwargs) -> list[int]:
-        """Greedy (by default) continuation of ``ids``; crosses session boundaries as the online mode does."""
+    def generate(self, ids, k: int, max_new_tokens: int = 64, full=None, prefix=None, **generate_kwargs) -> list[int]:
+        """Greedy (by default) continuation of ``ids``; crosses session boundaries as the online mode does.
+        ``prefix`` (token ids) is read raw in front of it all and never compressed."""
         ids = as_token_tensor(ids)
-        layout = self.layout(k)
+        prefix = as_token_tensor(prefix if prefix is not None else [])
+        layout = self.layout(k, len(prefix))
         eos = self.llm.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         generate_kwargs.setdefault("do_sample", False)
@@ -214,7 +224,8 @@ class ExtensibleLM:
         while len(new) < max_new_tokens:
             chunks = layout.compressed_chunks(len(ids))
             count = min(max_new_tokens - len(new), layout.limit(chunks) - len(ids) + 1)
-            embeds = self.inputs_embeds(self.extensible_embeddings(ids, chunks, k, full), ids[chunks * self.chunk_size :])
+            embeds = self.inputs_embeds(self.extensible_embeddings(ids, chunks, k, full), ids[chunks * self.chunk_size :],
+                                        prefix)
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
             out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=count, **generate_kwargs)
             tokens = out[0].tolist()

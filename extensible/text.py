@@ -27,15 +27,28 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def chat_tokens(tokenizer, document: str, prompt: str) -> torch.Tensor:
-    """The document then the prompt as one user turn, in the model's chat template when it has one.
+PLACEHOLDER = "\u0000DOCUMENTS\u0000"
 
-    The document comes first so that its early chunks are the ones compressed and the question stays raw.
-    """
-    content = f"{document.rstrip()}\n\n{prompt}"
+
+def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the documents, in the model's chat template when it has one."""
+    content = f"{PLACEHOLDER}{question.strip()}"
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-        return torch.tensor(ids, dtype=torch.long)
-    return tokenize(tokenizer, content + "\n")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = content + "\n"
+    before, after = text.split(PLACEHOLDER)
+    encode = lambda part: tokenizer(part, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(before), encode(after)
+
+
+def chat_tokens(tokenizer, document: str, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The document then the prompt as one user turn, in the model's chat template when it has one, as (the
+    template's opening, the rest).
+
+    The opening (system prompt, user turn marker) is read raw in front of everything (the runtime's ``prefix``); the
+    document comes next so that its early chunks are the ones compressed and the prompt stays raw."""
+    before, after = prompt_parts(tokenizer, prompt)
+    body = tokenizer(f"{document.rstrip()}\n\n", add_special_tokens=False)["input_ids"] + after
+    return torch.tensor(before, dtype=torch.long), torch.tensor(body, dtype=torch.long)

@@ -37,12 +37,13 @@ def _runtime(args):
                            untrained=args.untrained, num_layers=args.layers, method=args.method, policy=args.policy)
 
 
-def _resolve_k(lm, k, n_tokens: int) -> int:
+def _resolve_k(lm, k, n_tokens: int, reserved: int = 0) -> int:
+    """``k``, or with "auto" the smallest k at which ``n_tokens`` fit the window less ``reserved`` raw positions."""
     from extensible.layout import smallest_k
 
     if k != "auto":
         return k
-    chosen = smallest_k(n_tokens, lm.window, lm.chunk_size, lm.policy)
+    chosen = smallest_k(n_tokens, lm.window - reserved, lm.chunk_size, lm.policy)
     if chosen is None:
         raise UserError(f"{n_tokens} tokens do not fit window {lm.window} at any k; raise --window")
     return chosen
@@ -74,14 +75,15 @@ def cmd_generate(args) -> None:
         raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be smaller than --window ({args.window})")
     text = read_text(args.file)
     lm = _runtime(args)
-    ids = chat_tokens(lm.tokenizer, text, args.prompt)
-    k = _resolve_k(lm, args.k, len(ids) + args.max_new_tokens)
-    new = lm.generate(ids, k, max_new_tokens=args.max_new_tokens)
+    opening, ids = chat_tokens(lm.tokenizer, text, args.prompt)  # the template's opening stays raw, in front
+    k = _resolve_k(lm, args.k, len(ids) + args.max_new_tokens, reserved=len(opening))
+    new = lm.generate(ids, k, max_new_tokens=args.max_new_tokens, prefix=opening)
     answer = lm.tokenizer.decode(new, skip_special_tokens=True).strip()
+    tokens = len(opening) + len(ids)
     if args.json:
-        print(json.dumps({"answer": answer, "k": k, "input_tokens": len(ids), "new_tokens": len(new)}))
+        print(json.dumps({"answer": answer, "k": k, "input_tokens": tokens, "new_tokens": len(new)}))
     else:
-        print(f"[{len(ids)} input tokens, k={k}, window {lm.window}]")
+        print(f"[{tokens} input tokens, k={k}, window {lm.window}]")
         print(answer)
 
 

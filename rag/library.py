@@ -20,13 +20,11 @@ import torch
 
 from extensible.downscale import downscale_chunk
 from extensible.errors import ContextTooLongError, UserError
+from extensible.text import prompt_parts  # noqa: F401  (re-exported: the RAG layer's prompts use it)
 from storage.store import Store, runtime_fingerprints
 
 from .index import PassageIndex, make_encoder
 from .plan import DEFAULT_STRATEGY, Unit, plan
-
-PLACEHOLDER = "\u0000DOCUMENTS\u0000"
-
 
 class InMemoryDocument:
     """Full-resolution outputs held in memory ([n_tokens, hidden]), read like a StoredDocument (online mode)."""
@@ -71,19 +69,6 @@ class InMemoryDocument:
         if missing:
             self._encode(missing)
         return {c: downscale_chunk(self.encoded[c], k, method, seed, c) for c, k in ks.items()}
-
-
-def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the documents, in the model's chat template when it has one."""
-    content = f"{PLACEHOLDER}{question.strip()}"
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = content + "\n"
-    before, after = text.split(PLACEHOLDER)
-    encode = lambda part: tokenizer(part, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return encode(before), encode(after)
 
 
 class Prompt:

@@ -317,15 +317,18 @@ class QAEvaluation:
                               (prompt.before, prompt.separator))
             return lm.score_continuation(lm.compose([torch.tensor(prompt.after)]), reference, doc.prefix[0]).mean_nll, {}
         if method.startswith("ext:") and method not in PLANNED:  # the runtime's layout at a fixed k
-            ids, k = self._layout_ids(doc, question, int(method[4:]))
-            return lm.score(ids + reference, len(reference), k).mean_nll, {}
+            opening, ids, k = self._layout_ids(doc, question, int(method[4:]))
+            return lm.score(ids + reference, len(reference), k, prefix=opening).mean_nll, {}
         embeds, read = self.query(method, doc, question)
         return lm.score_continuation(embeds, reference).mean_nll, read
 
-    def _layout_ids(self, doc: EvalDocument, question: str, k: int) -> tuple[list[int], int]:
+    def _layout_ids(self, doc: EvalDocument, question: str, k: int) -> tuple[list[int], list[int], int]:
+        """The runtime's layout at k: (the template's opening, read raw in front and never compressed; the
+        document's last tokens that fit, the separator and the question; k)."""
         prompt = Prompt(self.lm, question, None, 1, self.max_new_tokens)
-        keep = self.lm.layout(k).capacity() - (self.lm.window - prompt.budget)
-        return prompt.before + doc.ids[max(0, len(doc.ids) - keep) :] + prompt.separator + prompt.after, k
+        opening = len(prompt.before)
+        keep = self.lm.layout(k, opening).capacity() - (self.lm.window - prompt.budget - opening)
+        return prompt.before, doc.ids[max(0, len(doc.ids) - keep) :] + prompt.separator + prompt.after, k
 
     def record(self, method: str, doc: EvalDocument, question: str, references: list[str], generate: bool) -> dict:
         """One question's record for ``method``: its answer NLL (and greedy answer with its scores), or why not."""
@@ -365,9 +368,9 @@ class QAEvaluation:
             finally:
                 lm.window = window
         if method.startswith("ext:") and method not in PLANNED:
-            ids, k = self._layout_ids(doc, question, int(method[4:]))
-            return lm.tokenizer.decode(lm.generate(torch.tensor(ids), k, max_new_tokens=self.max_new_tokens),
-                                       skip_special_tokens=True).strip()
+            opening, ids, k = self._layout_ids(doc, question, int(method[4:]))
+            return lm.tokenizer.decode(lm.generate(torch.tensor(ids), k, max_new_tokens=self.max_new_tokens,
+                                                   prefix=opening), skip_special_tokens=True).strip()
         return generate_answer(lm, self.query(method, doc, question)[0], self.max_new_tokens)[0]
 
 

@@ -1,6 +1,7 @@
 """The RAG layer on a tiny random Llama store with the real all-MiniLM-L6-v2: planning k, reading only the planned
 rows, the passage index (and its staleness), answers, LangChain, the CLI, and the QA metrics/evaluation."""
 
+import copy
 import json
 import shutil
 
@@ -549,3 +550,21 @@ def test_same_stem_files_in_other_folders_stay_separate_tasks(lm, tmp_path):
     _, again = evaluate_qa(lm, files, ["rag"], max_new_tokens=4, generate=False, progress=False,
                            journal=tmp_path / "journal.jsonl")
     assert again == records  # each file's records reused for that file only
+
+
+def test_ext_k_reads_the_chat_templates_opening_raw_in_front(tiny8):
+    lm = load_extensible(tiny8, chunk_size=16, window=256)
+    lm.tokenizer = copy.deepcopy(lm.tokenizer)
+    lm.tokenizer.chat_template = "SYSTEM! {% for m in messages %}{{ m['content'] }}{% endfor %} ANSWER:"
+    evaluation = QAEvaluation(lm, max_new_tokens=4)
+    text = " ".join(np.random.default_rng(3).choice(["alpha", "beta", "gamma", "delta"], 300))
+    doc = EvalDocument(lm, evaluation.encoder, text)
+    opening, ids, k = evaluation._layout_ids(doc, "What came last?", 4)
+    assert lm.tokenizer.decode(opening) == "SYSTEM! " and k == 4
+    assert not lm.tokenizer.decode(ids[:8]).startswith("SYSTEM")  # the opening is not where chunk 0 is compressed
+    assert lm.tokenizer.decode(ids).endswith("What came last? ANSWER:")
+    layout = lm.layout(4, len(opening))
+    assert layout.compressed_chunks(len(ids) + 4 - 1) > 0  # the document is long: compressed, and the answer fits
+    reference = lm.tokenizer("gamma", add_special_tokens=False)["input_ids"][:4]
+    nll, _ = evaluation.answer_nll("ext:4", doc, "What came last?", reference)
+    assert nll == pytest.approx(lm.score(ids + reference, len(reference), 4, prefix=opening).mean_nll)

@@ -122,3 +122,22 @@ def test_bad_inputs_are_user_errors(tiny_lm):
         tiny_lm.score(make_ids(1000), 10, 2)
     with pytest.raises(UserError, match="exceeds the LLM"):
         ExtensibleLM(tiny_lm.llm, tiny_lm.tokenizer, tiny_lm.embedder, window=4096)
+
+
+def test_a_raw_prefix_is_read_in_front_and_never_compressed(tiny_lm):
+    ids, prefix = make_ids(300), make_ids(10) + 1
+    layout = tiny_lm.layout(4, len(prefix))  # the window less the prefix's positions
+    assert layout.window == tiny_lm.window - 10
+    chunks = layout.compressed_chunks(299)
+    assert chunks > 0
+    with torch.no_grad():
+        ex = tiny_lm.extensible_embeddings(ids, chunks, 4)
+        embed = tiny_lm.llm.get_input_embeddings()
+        inputs = torch.cat([embed(prefix), ex, embed(ids[chunks * 16 : 299])])[None]  # by hand: prefix, rows, raw
+        assert inputs.shape[1] <= tiny_lm.window
+        expected = -torch.log_softmax(tiny_lm.llm(inputs_embeds=inputs).logits[0, -1].float(), -1)[ids[299]]
+    score = tiny_lm.score(ids, 1, 4, prefix=prefix).token_nll
+    torch.testing.assert_close(score, expected[None], rtol=0, atol=1e-5)
+    assert not torch.allclose(score, tiny_lm.score(ids, 1, 4).token_nll)  # the prefix is read
+    new = tiny_lm.generate(ids, 4, max_new_tokens=3, prefix=prefix)
+    assert 1 <= len(new) <= 3

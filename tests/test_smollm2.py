@@ -82,10 +82,12 @@ def test_a_plugin_for_smollm2_refuses_another_llm(real_lm, tiny, tmp_path):
 def test_generate_answers_a_question_about_a_long_document(real_lm, smollm2):
     _, tokenizer = smollm2
     topics = pydoc_topics()
-    ids = chat_tokens(tokenizer, topics["compound"][:9000], "What keyword starts a loop over the items of a sequence?")
-    assert real_lm.layout(8).compressed_chunks(len(ids)) > 0
-    new = real_lm.generate(ids, 8, max_new_tokens=16)
-    assert real_lm.generate(ids, 8, max_new_tokens=16) == new  # greedy: the same input, the same answer
+    opening, ids = chat_tokens(tokenizer, topics["compound"][:9000], "What keyword starts a loop over the items of a sequence?")
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert opening[0] == start and start not in ids[:50].tolist()  # the template's opening is read raw, not compressed
+    assert real_lm.layout(8, len(opening)).compressed_chunks(len(ids)) > 0
+    new = real_lm.generate(ids, 8, max_new_tokens=16, prefix=opening)
+    assert real_lm.generate(ids, 8, max_new_tokens=16, prefix=opening) == new  # greedy: the same input, the same answer
     answer = tokenizer.decode(new, skip_special_tokens=True)
     assert re.search(r"[\"'`]for[\"'`]", answer), answer  # names the keyword the document's `for` section gives
 

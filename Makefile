@@ -13,7 +13,7 @@ BOOKS ?= ../shared/data/books
 HELD_OUT ?= austen_persuasion chesterton_thursday wells_war_of_the_worlds
 LEVAL ?= ../shared/data/leval
 
-.PHONY: setup test cluster-test demo precompute train train-qa train-read train-read-gpu eval eval-qa eval-read bench clean
+.PHONY: setup test cluster-test demo precompute train train-qa train-read train-read-gpu train-recall eval eval-qa eval-read bench bench-library clean
 
 setup: $(VENV)/.installed
 
@@ -96,13 +96,19 @@ train-read: setup
 train-read-gpu:
 	$(PYTHON) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
 	$(PYTHON) -m jobs.read_recipe --gpu
+# The reconstruction diagnostic (runs/smollm2-recall): can the LLM decode a chunk from its own rows at all?
+train-recall: setup
+	$(PY) -m jobs.read_recipe --recall $(if $(MINUTES),--max-minutes $(MINUTES))
 
 # The content controls for a plug-in (PLUGIN=folder; default the shipped one): QA's rag:8 against foreign:rag:8 on
 # the held-out SQuAD articles and FairytaleQA val (100 questions each), and perplexity at 3W (k = 8) and 8W (k = 64)
-# on the held-out books, each with another document's rows at the same k and positions.
+# on the held-out books, each with another document's rows at the same k and positions; first, the reconstruction
+# diagnostic (recall:K: a chunk scored right after its own rows, against another book's).
 READ_EVAL = $(if $(PLUGIN),--plugin $(PLUGIN)) --window 1024
 eval-read: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(READ_EVAL) --context 256 --tail 512 --samples 16 \
+		--methods recall:2,foreign:recall:2,recall:4,foreign:recall:4,recall:8,foreign:recall:8 --json out/eval/read_recall.json
 	$(EXTEMB) eval-qa --data out/qa/squad_heldout.jsonl $(QA)/fairytaleqa_val.jsonl $(READ_EVAL) \
 		--methods window,rag,rag:8,foreign:rag:8 --limit 100 --no-generate --json out/eval/read_qa.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(READ_EVAL) --context 3072 7680 --tail 512 --samples 4 \
@@ -146,6 +152,12 @@ bench: setup
 	$(PY) -m jobs.bench_precompute --out out/bench
 	$(PY) -m jobs.bench_query --window 1024 --out out/bench/query.json
 	$(PY) -m jobs.bench_train --out out/bench/train.json
+	$(MAKE) bench-library
+
+# The library's own costs at 100, 1,000 and 100,000 synthetic documents (random rows; ~30 minutes on 2 cores): a
+# query's overhead, a commit and a verify per document, each as a ratio of the smaller store's (goal <= 1.2x).
+bench-library: setup
+	$(PY) -m jobs.bench_library --out out/bench/library
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

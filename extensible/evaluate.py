@@ -12,6 +12,9 @@ Methods, all on the same samples:
   ``ext:K`` / ``ext:adaptive``, but the compressed rows are those of a span of the same length of another document
   (``donor_span``). ``ext:K - foreign:ext:K`` is what the content of the compressed rows is worth; where nothing is
   compressed (a context that fits the window) the two are the same.
+* ``recall:K`` / ``foreign:recall:K``: the reconstruction diagnostic -- the tail's whole chunks scored right after
+  their own rows at k (nothing else before them), or after the rows of the donor span's last chunks. ``recall:K -
+  foreign:recall:K`` says whether the LLM can decode rows at all: how much of a chunk its rows give back.
 
 Samples are spans of ``context + tail`` tokens at offsets drawn from a generator seeded by (seed, document, context),
 so every method and every run sees the same text; a foreign method's donor span is drawn from a generator seeded by
@@ -50,19 +53,22 @@ FOREIGN = "foreign:"
 def parse_methods(text: str, base: tuple[str, ...] = BASE_METHODS, named_ext: tuple[str, ...] = ("adaptive",),
                   foreign: bool = False) -> list[str]:
     """Comma-separated methods: one of ``base``, ``ext:K`` (an integer K >= 1), or ``ext:<name>`` for ``named_ext``;
-    with ``foreign``, also ``foreign:`` before any ext method (eval-ppl's content control)."""
+    with ``foreign`` (eval-ppl), also ``recall:K`` and ``foreign:`` before any ext or recall method."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
     named = [f"ext:{name}" for name in named_ext]
-    choices = [*base, "ext:K", *named] + ([f"{FOREIGN}ext:K", *(FOREIGN + m for m in named)] if foreign else [])
+    choices = [*base, "ext:K", *named] + ([f"{FOREIGN}ext:K", *(FOREIGN + m for m in named), "recall:K",
+                                           f"{FOREIGN}recall:K"] if foreign else [])
     for method in methods:
         ext = method.removeprefix(FOREIGN) if foreign else method
         if ext in named or (ext == method and method in base):
             continue
-        if ext.startswith("ext:"):
+        prefix = next((p for p in ("ext:", "recall:") if ext.startswith(p) and (p == "ext:" or foreign)), None)
+        if prefix:
             try:
-                k = int(ext[4:])
+                k = int(ext[len(prefix) :])
             except ValueError:
-                raise UserError(f"bad method {method!r}: use ext:K with an integer K >= 1, or {', '.join(named)}") from None
+                raise UserError(f"bad method {method!r}: use {prefix}K with an integer K >= 1"
+                                + (f", or {', '.join(named)}" if prefix == "ext:" else "")) from None
             if k < 1:
                 raise UserError(f"bad method {method!r}: K must be >= 1")
             continue
@@ -144,12 +150,15 @@ class Protocol:
         method = method.removeprefix(FOREIGN)  # a foreign method reads at its ext method's k
         if method == "ext:adaptive":
             return smallest_k(n_tokens - 1, self.lm.window, self.lm.chunk_size, self.lm.policy)
-        return int(method[4:]) if method.startswith("ext:") else None
+        kind, _, k = method.partition(":")
+        return int(k) if kind in ("ext", "recall") else None
 
     def applicable(self, method: str, n_tokens: int) -> str | None:
         """None if the method can score a sample of ``n_tokens``; else why not."""
         if method == "full" and n_tokens > self.positions:
             return f"{n_tokens} tokens exceed the LLM's {self.positions} positions"
+        if method.removeprefix(FOREIGN).startswith("recall:"):
+            return None
         if method.removeprefix(FOREIGN).startswith("ext:"):
             k = self.k_for(method, n_tokens)
             if k is None or k > self.lm.chunk_size:
@@ -163,9 +172,11 @@ class Protocol:
     def score(self, method: str, ids: torch.Tensor, tail: int, donor: torch.Tensor | None = None) -> Score:
         """``donor``: for a foreign method, the span (as long as ``ids``) whose compressed rows it reads."""
         lm = self.lm
+        if method.startswith(FOREIGN) and (donor is None or len(donor) != len(ids)):
+            raise UserError(f"{method} needs a donor span of {len(ids)} tokens")
+        if method.removeprefix(FOREIGN).startswith("recall:"):
+            return self._recall_score(ids, tail, self.k_for(method, len(ids)), donor)
         if method.startswith(FOREIGN):
-            if donor is None or len(donor) != len(ids):
-                raise UserError(f"{method} needs a donor span of {len(ids)} tokens")
             # score() reads compressed rows from ``full`` wherever it covers a chunk, and a donor as long as the
             # sample covers every chunk the layout compresses: the embedder never sees the sample's own chunks.
             return lm.score(ids, tail, self.k_for(method, len(ids)), full=lm.encode(donor))
@@ -181,6 +192,18 @@ class Protocol:
             factor = max(1.0, len(ids) / self.positions)
             return self._full_score(self._rope_scaled(method, factor), ids[:-1], ids, tail)
         return lm.score(ids, tail, self.k_for(method, len(ids)))
+
+    @torch.no_grad()
+    def _recall_score(self, ids: torch.Tensor, tail: int, k: int, donor: torch.Tensor | None) -> Score:
+        """The tail's whole chunks, each token scored after the rows (at k) of those chunks -- or of the donor's
+        last chunks -- and the tail's tokens before it: reconstruction from rows."""
+        lm, size = self.lm, self.lm.chunk_size
+        chunks = tail // size
+        target = ids[len(ids) - tail : len(ids) - tail + chunks * size]
+        source = target if donor is None else donor[len(donor) - tail : len(donor) - tail + chunks * size]
+        rows = lm.extensible_embeddings(source, chunks, k)
+        logprobs = lm._logprobs(lm.inputs_embeds(rows, target[:-1]), keep=len(target))
+        return Score(-logprobs.gather(1, target[:, None].to(logprobs.device))[:, 0].cpu())
 
     @torch.no_grad()
     def _full_score(self, llm, context: torch.Tensor, ids: torch.Tensor, tail: int) -> Score:
@@ -219,6 +242,12 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
 
     if tail >= protocol.lm.window:
         raise UserError(f"--tail ({tail}) must be smaller than --window ({protocol.lm.window})")
+    recall = [m for m in methods if m.removeprefix(FOREIGN).startswith("recall:")]
+    if recall and tail < protocol.lm.chunk_size:
+        raise UserError(f"{recall[0]} reconstructs the tail's whole chunks: --tail ({tail}) must be at least the "
+                        f"chunk size ({protocol.lm.chunk_size})")
+    if any(protocol.k_for(m, 0) > protocol.lm.chunk_size for m in recall):
+        raise UserError(f"{recall[0]}: K must be at most the chunk size ({protocol.lm.chunk_size})")
     foreign = [m for m in methods if m.startswith(FOREIGN)]
     if foreign and len(documents) < 2:
         raise UserError(f"{foreign[0]} reads another document's compressed rows: give --data two or more documents")
@@ -301,7 +330,7 @@ def _content_rows(per_sample: dict) -> list[str]:
         low, high = bootstrap_interval(differences)
         window, full = per_sample.get(("window", context)), per_sample.get(("full", context))
         share = "-"
-        if window is not None and full is not None and window.mean() != full.mean():
+        if ext.startswith("ext:") and window is not None and full is not None and window.mean() != full.mean():
             share = f"{(foreign.mean() - own.mean()) / (window.mean() - full.mean()):.0%}"
         lines.append(f"| {ext} - {FOREIGN}{ext} | {context} | {differences.mean():+.4f} | [{low:+.4f}, {high:+.4f}] "
                      f"| {share} |")

@@ -56,7 +56,7 @@ OBJECTIVES = ("ar", "autoencode", "continuation", "read")
 SHAPE_FIELDS = ("model", "data", "exclude", "num_layers", "lora_rank", "chunk_size", "sample_tokens", "ks",
                 "objective", "downscale", "lr", "warmup", "batch_size", "grad_accum", "seed", "weight_decay",
                 "recent_chunks", "init_from", "row_mlp", "target_tokens", "reconstruct", "ce", "distill", "contrast",
-                "margin")
+                "margin", "k_curriculum")
 
 
 @dataclass
@@ -70,6 +70,7 @@ class TrainConfig:
     chunk_size: int = 256
     sample_tokens: int = 2048
     ks: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    k_curriculum: int = 0  # steps over which the ks open one by one, smallest first (0: all from the start)
     objective: str = "ar"
     recent_chunks: int = 0  # up to this many raw chunks between the compressed context and the predicted chunk
     init_from: str | None = None  # a plug-in folder whose tensors start a new run (warm start)
@@ -116,6 +117,8 @@ class TrainConfig:
             raise UserError("--contrast needs --batch-size >= 2: a sample's foreign rows are another sample's")
         if self.objective == "read" and not 1 <= self.target_tokens <= self.chunk_size:
             raise UserError(f"--target-tokens must be in 1..{self.chunk_size} (the chunk), got {self.target_tokens}")
+        if self.k_curriculum < 0:
+            raise UserError(f"--k-curriculum must be >= 0 steps, got {self.k_curriculum}")
         if not 0 <= self.reconstruct <= 1 or min(self.ce, self.distill, self.contrast) < 0:
             raise UserError("--reconstruct must be in 0..1 and the loss weights --ce, --distill, --contrast >= 0")
         if self.init_from:
@@ -130,6 +133,14 @@ class Objective(Protocol):
     def settings(self) -> dict: ...
 
     def loss(self, llm, embedder) -> torch.Tensor: ...
+
+
+def curriculum_ks(ks: list[int], step: int, steps_to_open: int) -> list[int]:
+    """The ks drawn at ``step``: the distinct ks open one by one, smallest first, evenly over ``steps_to_open`` steps
+    (all of them from the start when it is 0); a repeated k keeps its weight."""
+    distinct = sorted(set(ks))
+    opened = len(distinct) if not steps_to_open else min(len(distinct), 1 + step * len(distinct) // steps_to_open)
+    return [k for k in ks if k <= distinct[opened - 1]]
 
 
 def pass_two_batch(embedder_outputs: torch.Tensor, token_embeds: torch.Tensor, ids: torch.Tensor, ks: list[int],
@@ -339,12 +350,16 @@ class Trainer:
             epoch, position = divmod(global_index, len(self.data))
             rows.append(self.data[int(sample_order(len(self.data), config.seed, epoch)[position])])
             self.samples_seen += 1
-        ks = [random.choice(config.ks) for _ in rows]
+        ks = [random.choice(self.current_ks()) for _ in rows]
         # Drawn only when asked for, so that runs without recent chunks keep their random stream (and exact resume).
         draws = [random.randint(0, config.recent_chunks) for _ in rows] if config.recent_chunks else None
         if config.objective == "read":
             draws = [random.random() < config.reconstruct for _ in rows] if config.reconstruct else [False] * len(rows)
         return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks, draws
+
+    def current_ks(self) -> list[int]:
+        """The ks a sample may draw now (``--k-curriculum``)."""
+        return curriculum_ks(self.config.ks, self.step, self.config.k_curriculum)
 
     def book_loss(self, ids: torch.Tensor, ks: list[int], draws: list | None) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss on the book samples and, for the read objective, its measurements (own - foreign, KL, ...)."""

@@ -188,7 +188,7 @@ def cmd_eval_qa(args) -> None:
         journal.parent.mkdir(parents=True, exist_ok=True)
         journal.write_text("")
     rows, records = evaluate_qa(lm, args.data, methods, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                                generate=not args.no_generate, journal=journal, max_k=args.max_k)
+                                generate=not args.no_generate, journal=journal, max_k=args.max_k, store=args.store)
     report = qa_markdown(rows, records)
     print(report)
     if args.json:
@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default="window,full,ext:adaptive",
                     help="comma-separated: window, full, streaming, pi, ntk, ext:K, ext:adaptive, foreign:ext:K, "
                     "foreign:ext:adaptive (the content control: ext's layout, raw tokens and k, with the compressed "
-                    "rows of a same-length span of another --data document)")
+                    "rows of a same-length span of another --data document), recall:K and foreign:recall:K (the "
+                    "tail's whole chunks scored after their own rows at k, or another document's: reconstruction)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the rows here (and a .md table and a .png plot beside it)")
     _model_args(ev)
@@ -277,12 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--methods", default="window,rag,hybrid", help="comma-separated: window, full, rag, rag:K "
                     "(rag's passages, all read compressed at k=K: the test of reading), hybrid, ext:adaptive, "
                     "ext:graded, ext:K, and foreign:M for M = hybrid, rag:K, ext:adaptive or ext:graded (M's plan read "
-                    "with another document's compressed rows: a control; foreign = foreign:hybrid)")
+                    "with another document's compressed rows: a control; foreign = foreign:hybrid), and with --store "
+                    "library:rag, library:hybrid (the question asked of the whole stored library)")
     qa.add_argument("--limit", type=_positive, default=None,
                     help="questions per file, spread over its documents and over each document's questions")
     qa.add_argument("--max-new-tokens", type=_positive, default=64, help="answer length (and the reference tokens scored)")
     qa.add_argument("--no-generate", action="store_true", help="answer NLL only: no generation, no F1/EM/ROUGE-L")
     qa.add_argument("--max-k", type=_positive, default=64, help=MAX_K_HELP)
+    qa.add_argument("--store", help="a store holding every document of --data (precomputed with --text-column input): "
+                    "library:rag and library:hybrid ask each question of the whole library, retrieval included")
     qa.add_argument("--json", help="write the rows here (a .md table, a .png plot and every question beside it, "
                     "the questions as they are answered)")
     qa.add_argument("--resume", action="store_true", help="reuse the answered questions that --json's .questions.jsonl "

@@ -1,6 +1,8 @@
-"""make train-read / make train-read-gpu / python -m jobs.read_recipe [--gpu] [jobs.train_read options]: the read
-stage's recipe (issue 19), on the CPU or sized for one GPU. Options after it override the recipe's (the last of a
-repeated option wins), which is how the tests run the GPU sizing on a tiny model on the CPU."""
+"""make train-read / make train-read-gpu / make train-recall / python -m jobs.read_recipe [--gpu | --recall]
+[jobs.train_read options]: the read stage's recipes (issue 19), on the CPU or sized for one GPU; ``--recall`` is the
+reconstruction diagnostic (a chunk rebuilt from its own rows at k = 2, 4, 8, opened one by one). Options after it
+override the recipe's (the last of a repeated option wins), which is how the tests run the GPU sizing on a tiny model
+on the CPU."""
 
 from __future__ import annotations
 
@@ -27,12 +29,27 @@ GPU = ["--batch-size", "16", "--qa-questions", "16", "--steps", "3000", "--save-
        "--out", "runs/smollm2-read-gpu"]
 
 
+# Reconstruction only: the evidence chunk is the target, so only what its rows carry can lower the loss; book
+# samples only, k opened 2 -> 4 -> 8 over 300 steps (~20 s a step on one core).
+RECALL = [
+    "--data", BOOKS, "--exclude", *HELD_OUT, "--init-from", "extensible/shipped/smollm2-135m-instruct",
+    "--lora-rank", "32", "--row-mlp", "576", "--chunk", "256", "--sample-tokens", "512", "--target-tokens", "64",
+    "--ks", "2", "4", "8", "--k-curriculum", "300", "--reconstruct", "1", "--distill", "0", "--contrast", "0",
+    "--lr", "2e-4", "--warmup", "20", "--batch-size", "4", "--steps", "1000", "--save-every", "20",
+    "--out", "runs/smollm2-recall",
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    gpu = "--gpu" in argv
+    gpu, recall = "--gpu" in argv, "--recall" in argv
+    if gpu and recall:
+        print("read_recipe: --gpu and --recall are two recipes; choose one", file=sys.stderr)
+        return 2
     if gpu and not torch.cuda.is_available():
         print("read_recipe: no CUDA device: the GPU sizing runs on the CPU (slowly)", file=sys.stderr)
-    return train_read.main(RECIPE + (GPU if gpu else CPU) + [a for a in argv if a != "--gpu"])
+    recipe = RECALL if recall else RECIPE + (GPU if gpu else CPU)
+    return train_read.main(recipe + [a for a in argv if a not in ("--gpu", "--recall")])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", dest="chunk_size", type=int, default=256)
     p.add_argument("--sample-tokens", type=int, default=2048)
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument("--k-curriculum", type=int, default=0,
+                   help="steps over which the ks open one by one, smallest first (0: all from the start)")
     p.add_argument("--objective", choices=OBJECTIVES, default="ar")
     p.add_argument("--recent-chunks", type=int, default=0,
                    help="up to R raw chunks between the compressed context and the predicted chunk (sliding layout)")

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = ReadingWeights(config.ce, config.distill, config.contrast, config.margin)
         return [QAReading(options["qa"], trainer.tokenizer, config.chunk_size, config.ks, weights,
                           options["qa_questions"], options["qa_distractors"], options["qa_answer_tokens"],
-                          options["qa_weight"], config.downscale)] if options["qa"] else []
+                          options["qa_weight"], config.downscale,
+                          trainer.current_ks)] if options["qa"] else []
 
     return run(args, objectives)
 

@@ -2,7 +2,9 @@
 
 Folder ``<store>/index/<encoder>/``::
 
-    vectors.faiss     faiss.write_index of an exact inner-product index (vectors are L2-normalised: cosine)
+    vectors.faiss     faiss.write_index of an exact inner-product index (vectors are L2-normalised: cosine); from
+                      ``GRAPH_FROM`` passages an HNSW graph over the same vectors instead, whose search cost grows
+                      with log N rather than N (approximate: it may miss a passage the exact index ranks in the top)
     passages.parquet  one row per vector: doc_id, content_hash, chunk, char_start, char_end
     meta.json         encoder, dimension, and the digest of the store's documents it covers
 
@@ -32,6 +34,19 @@ from storage.store import Store, sha256_file
 from .encoders import ENCODERS, EmbedderMeanEncoder, MiniLMEncoder
 
 INDEX_DIR = "index"
+GRAPH_FROM = 50_000  # passages from which the index is an HNSW graph (an exact search there takes milliseconds)
+GRAPH_NEIGHBOURS, GRAPH_SEARCH_DEPTH = 32, 64  # HNSW's M and efSearch
+
+
+def make_faiss_index(matrix: np.ndarray):
+    """An exact inner-product index of ``matrix``, or an HNSW graph of it from ``GRAPH_FROM`` rows."""
+    if len(matrix) < GRAPH_FROM:
+        index = faiss.IndexFlatIP(matrix.shape[1])
+    else:
+        index = faiss.IndexHNSWFlat(matrix.shape[1], GRAPH_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 2 * GRAPH_NEIGHBOURS
+    index.add(matrix)
+    return index
 
 
 def store_digest(store: Store) -> str:
@@ -109,8 +124,7 @@ def _build(store: Store, documents: list, encoder_name: str, encoder, progress: 
         rows += [{"doc_id": document.row["doc_id"], "content_hash": document.row["content_hash"], "chunk": chunk,
                   "char_start": start, "char_end": stop} for chunk, (start, stop) in zip(chunks, spans)]
     matrix = np.concatenate(vectors).astype(np.float32)
-    index = faiss.IndexFlatIP(matrix.shape[1])
-    index.add(matrix)
+    index = make_faiss_index(matrix)
 
     target = index_path(store, encoder_name)
     tmp = target.with_name(f".{target.name}.tmp")
@@ -121,7 +135,8 @@ def _build(store: Store, documents: list, encoder_name: str, encoder, progress: 
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
              for name in ("vectors.faiss", "passages.parquet")}
     (tmp / "meta.json").write_text(json.dumps({
-        "encoder": encoder_name, "dimension": int(matrix.shape[1]), "passages": len(rows), "files": files,
+        "encoder": encoder_name, "kind": "hnsw" if isinstance(index, faiss.IndexHNSW) else "exact",
+        "dimension": int(matrix.shape[1]), "passages": len(rows), "files": files,
         "documents": len(documents), "store_digest": store_digest(store), "created": time.time(),
     }, indent=2))
     old = target.with_name(f".{target.name}.old")
@@ -177,7 +192,9 @@ class PassageIndex:
 
         index = read("vectors.faiss", lambda file: faiss.read_index(str(file)))
         passages = read("passages.parquet", lambda file: pq.read_table(file).to_pylist())
-        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-gpu: search on the GPU
+        if isinstance(index, faiss.IndexHNSW):
+            index.hnsw.efSearch = GRAPH_SEARCH_DEPTH
+        elif hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-gpu: exact search on the GPU
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         if index.ntotal != len(passages) or len(passages) != meta["passages"]:
             raise UserError(f"the {encoder_name} passage index of {store.path} is damaged "

@@ -24,7 +24,10 @@ from extensible.text import prompt_parts  # noqa: F401  (re-exported: the RAG la
 from storage.store import Store, runtime_fingerprints
 
 from .index import PassageIndex, make_encoder
-from .plan import DEFAULT_STRATEGY, Unit, plan
+from .plan import DEFAULT_STRATEGY, Unit, parse_strategy, plan
+
+CACHED_TEXTS = 64  # texts and token lists a Library keeps between queries
+
 
 class InMemoryDocument:
     """Full-resolution outputs held in memory ([n_tokens, hidden]), read like a StoredDocument (online mode)."""
@@ -154,6 +157,9 @@ def build_query(lm, question: str, documents: list, relevance: list[dict[int, fl
     ``documents`` are StoredDocument or InMemoryDocument, ``token_ids`` their tokens (a chunk planned at k=1 is read
     as its plain tokens, which the LLM reads natively), ``relevance`` per document chunk -> retrieval score, ``names``
     head each document (None: no headers). ``answer_tokens`` positions are left free for the answer."""
+    read_k = parse_strategy(strategy)[1]
+    if read_k and read_k > lm.chunk_size:
+        raise UserError(f"{strategy}: K must be at most the chunk size ({lm.chunk_size}): a chunk keeps at least one row")
     prompt = Prompt(lm, question, names, len(documents), answer_tokens)
     units = [Unit(d, c, doc.chunk_length(c), relevance[d].get(c, float("-inf")))
              for d, doc in enumerate(documents) for c in range(doc.num_chunks)]
@@ -184,6 +190,7 @@ class Library:
             raise UserError(f"the store {self.store.path} is empty; run: make precompute STORE={self.store.path}")
         self.encoder_name, self.model, self.plugin, self.window = encoder, model, plugin, window
         self._lm, self._index, self._encoder = lm, None, None
+        self._texts: dict[tuple, str | list[int]] = {}  # insertion order: the oldest first
         if lm is not None:
             self.check_compatible(lm)
 
@@ -218,6 +225,26 @@ class Library:
             self._encoder = make_encoder(self.encoder_name, self.lm if self.encoder_name == "embedder-mean" else None)
         return self._encoder
 
+    def _text(self, row: dict) -> str:
+        """A stored document's text, checked against its content hash on its first read in this library."""
+        key = ("text", row["content_hash"])
+        if key not in self._texts:
+            self._remember(key, self.store.text(row))
+        return self._texts[key]
+
+    def _token_ids(self, row: dict) -> list[int]:
+        key = ("ids", row["content_hash"])
+        if key not in self._texts:
+            self._remember(key, self.lm.tokenizer(self._text(row), add_special_tokens=False)["input_ids"])
+        return self._texts[key]
+
+    def _remember(self, key: tuple, value) -> None:
+        """Keeps the last ``CACHED_TEXTS`` texts and token lists read (keyed by content hash: a text never changes
+        under its hash), so a query re-reads, re-hashes and re-tokenises none of the documents it has just read."""
+        self._texts[key] = value
+        while len(self._texts) > CACHED_TEXTS:
+            self._texts.pop(next(iter(self._texts)))
+
     def search(self, question: str, documents: int | None = 2, passages: int = 20) -> list[Source]:
         """The ``documents`` best documents (None: all found) by their best passage among the ``passages`` nearest
         to the question."""
@@ -232,12 +259,11 @@ class Library:
     def _search(self, vector, documents: int | None, passages: int = 20) -> list[Source]:
         hits = self.index.search(vector, passages)
         by_doc: dict[str, Source] = {}
-        texts: dict[str, str] = {}
-        rows = {row["doc_id"]: row for row in self.store.manifest().to_pylist()}
+        rows = self.store.rows_by_id()  # one look at the manifest for all the hits
         for hit in hits:
             row = rows[hit.doc_id]
             source = by_doc.setdefault(hit.doc_id, Source(hit.doc_id, row["source"], hit.score))
-            text = texts.setdefault(hit.doc_id, self.store.text(row))
+            text = self._text(row)
             source.passages.append({"chunk": hit.chunk, "char_start": hit.char_start, "char_end": hit.char_end,
                                     "score": hit.score, "text": text[hit.char_start : hit.char_end]})
         return sorted(by_doc.values(), key=lambda s: s.score, reverse=True)[:documents]
@@ -248,6 +274,14 @@ class Library:
         (``rag``, see ``plan.DEFAULT_STRATEGY``) the passages nearest to the question as plain tokens; ``hybrid`` adds
         the rest of the documents compressed."""
         start = time.perf_counter()
+        query, sources = self.prepare(question, documents, strategy, max_new_tokens, sources, max_k)
+        text, new = generate_answer(self.lm, query.embeds, max_new_tokens, **generate_kwargs)
+        return Answer(question, text, sources, strategy, query.positions, new, time.perf_counter() - start)
+
+    def prepare(self, question: str, documents: int = 2, strategy: str = DEFAULT_STRATEGY, answer_tokens: int = 96,
+                sources: list[Source] | None = None, max_k: int = 64) -> tuple[Query, list[Source]]:
+        """Everything of ``answer`` before the LLM's forward: retrieval, the plan, the stored rows read and the
+        composed input; ``sources`` come back describing what the query reads of each."""
         vector = self._question_vector(question)  # once, for the search and for each chunk's relevance
         sources = sources if sources is not None else self._search(vector, documents)
         if not sources:
@@ -257,11 +291,10 @@ class Library:
         stored = [self.store.document(s.doc_id) for s in ordered]
         relevance = [self.index.chunk_scores(vector, s.doc_id) for s in ordered]
         names = [Path(s.source).name for s in ordered]
-        token_ids = [lm.tokenizer(self.store.text(doc.row), add_special_tokens=False)["input_ids"] for doc in stored]
+        token_ids = [self._token_ids(doc.row) for doc in stored]
         if any(len(ids) != len(doc) for ids, doc in zip(token_ids, stored)):
             raise UserError(f"{self.store.path} was tokenised by another tokenizer")
-        query = build_query(lm, question, stored, relevance, names, token_ids, strategy, max_new_tokens, max_k)
-        text, new = generate_answer(lm, query.embeds, max_new_tokens, **generate_kwargs)
+        query = build_query(lm, question, stored, relevance, names, token_ids, strategy, answer_tokens, max_k)
         for d, source in enumerate(ordered):
             query.describe(d, source)
-        return Answer(question, text, sources, strategy, query.positions, new, time.perf_counter() - start)
+        return query, sources

@@ -21,6 +21,11 @@ Methods, the same questions for each; every input is built by the library's own 
   content read. The donor is the next document of the file (in file order, wrapping round) that holds a whole chunk
   and shares under 20% of its token 8-grams with the document (``choose_donors``): a file where a document has none
   is refused.
+* ``library:rag`` / ``library:hybrid`` (with ``store``): the question asked of the whole stored library, as
+  ``Library.answer`` asks it -- retrieval has to find the question's document among all the store holds (every
+  document of the files must be precomputed into it: ``make precompute CORPUS=FILE.jsonl PRECOMPUTE_ARGS="--text-column
+  input"``), then its two best documents are read with that strategy. Records add ``hit@1`` and ``hit@3``: whether the
+  question's own document (by content hash) is the first, or among the first three, documents retrieved.
 
 Metrics: ``answer_nll`` = mean per-token NLL of the first reference answer (its first ``max_new_tokens`` tokens),
 teacher-forced right after the method's input -- the input generation uses; token F1, exact match (SQuAD
@@ -50,15 +55,19 @@ from extensible.downscale import num_kept
 from extensible.errors import ContextTooLongError, UserError
 from extensible.evaluate import bootstrap_interval, document_names, parse_methods
 
-from storage.store import runtime_fingerprints
+from pipeline.corpus import content_hash
+from storage.store import Store, runtime_fingerprints
 
 from .index import chunk_relevance, make_encoder
-from .library import InMemoryDocument, Prompt, build_query, generate_answer
+from .library import InMemoryDocument, Library, Prompt, build_query, generate_answer
 from .plan import parse_strategy
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PLANNED = {"rag": "rag", "hybrid": "hybrid", "ext:adaptive": "adaptive", "ext:graded": "graded"}
 FOREIGN = "foreign:"
+LIBRARY = "library:"
+LIBRARY_METHODS = ("library:rag", "library:hybrid")
+HITS = (1, 3)  # hit@k of the question's own document among the documents retrieved from the library
 SHINGLE, MAX_SHARED = 8, 0.2  # a donor shares under 20% of the token 8-grams of the document it stands in for
 
 
@@ -148,6 +157,10 @@ def parse_qa_methods(text: str) -> list[str]:
     """Comma-separated methods (see the module docstring), ``foreign`` as ``foreign:hybrid``, each once."""
     methods = [canonical(m.strip()) for m in text.split(",") if m.strip()]
     for method in methods:
+        if method.startswith(LIBRARY):
+            if method not in LIBRARY_METHODS:
+                raise UserError(f"unknown method {method!r}; over a stored library: {', '.join(LIBRARY_METHODS)}")
+            continue
         own = method.removeprefix(FOREIGN)
         if own.startswith("rag:"):
             parse_strategy(own)  # K >= 2
@@ -279,13 +292,21 @@ class ForeignRows:
 
 
 class QAEvaluation:
-    def __init__(self, lm, max_new_tokens: int = 64, max_k: int = 64):
-        self.lm, self.max_new_tokens, self.max_k = lm, max_new_tokens, max_k
+    def __init__(self, lm, max_new_tokens: int = 64, max_k: int = 64, library=None):
+        self.lm, self.max_new_tokens, self.max_k, self.library = lm, max_new_tokens, max_k, library
         self.encoder = make_encoder("minilm")  # the library's default retriever
 
     def query(self, method: str, doc: EvalDocument, question: str):
         """(embeds, what was read) of ``method``'s input, or None for ``full`` when the document does not fit."""
         lm = self.lm
+        if method.startswith(LIBRARY):  # the whole library, as Library.answer asks it
+            found = self.library.search(question, documents=max(HITS))
+            query, sources = self.library.prepare(question, 2, method.removeprefix(LIBRARY), self.max_new_tokens,
+                                                  found[:2], self.max_k)
+            own = content_hash(doc.text)
+            retrieved = [self.library.store.row(s.doc_id)["content_hash"] for s in found]
+            return query.embeds, {"sources": [s.doc_id for s in sources],
+                                  **{f"hit@{k}": float(own in retrieved[:k]) for k in HITS}}
         if method == "window":
             prompt = Prompt(lm, question, None, 1, self.max_new_tokens)
             return lm.compose(prompt.segments([[torch.tensor(truncate_middle(doc.ids, prompt.budget))]])), {}
@@ -390,17 +411,35 @@ def read_journal(path: Path | None, settings: dict) -> dict[tuple, dict]:
     return done
 
 
+def library_for(lm, store, files: list[str]):
+    """The Library over ``store`` that library:M methods ask, refused unless it holds every document of ``files``."""
+    library = Library(Store.open(store), lm=lm)
+    stored = library.store.stored_hashes()
+    for file in files:
+        missing = sum(content_hash(r["input"]) not in stored for r in read_leval(file))
+        if missing:
+            raise UserError(f"{missing} documents of {file} are not in the store {store}; run: make precompute "
+                            f"CORPUS={file} STORE={store} PRECOMPUTE_ARGS=\"--text-column input\"")
+    library.index  # noqa: B018 -- a missing or stale index fails before any question
+    return library
+
+
 def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = None, max_new_tokens: int = 64,
                 generate: bool = True, progress: bool = True, journal: str | Path | None = None,
-                max_k: int = 64) -> tuple[list[dict], list[dict]]:
+                max_k: int = 64, store: str | Path | None = None) -> tuple[list[dict], list[dict]]:
     """Rows {method, task, n, f1, em, rougeL, answer_nll, seconds, skipped} per file and method (plus a ``task: all``
     row per method: the mean over all questions), and one record per question and method.
 
     With ``journal``, every record is appended to that .jsonl file as soon as it is made, and the records it already
     holds from a run with the same settings are reused: a killed evaluation resumes where it stopped."""
-    evaluation = QAEvaluation(lm, max_new_tokens, max_k)
+    asks_library = any(m.startswith(LIBRARY) for m in methods)
+    if asks_library and store is None:
+        raise UserError("library:rag and library:hybrid ask a stored library: give --store STORE")
+    evaluation = QAEvaluation(lm, max_new_tokens, max_k, library_for(lm, store, files) if asks_library else None)
     settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate, "max_k": max_k,
                 **runtime_fingerprints(lm)}  # a resumed run reuses only records of this LLM, plug-in and window
+    if asks_library:  # the library's documents change what its questions retrieve
+        settings["store"] = str(Path(store).resolve())
     journal = Path(journal) if journal else None
     done = read_journal(journal, settings)
     log = journal.open("a", encoding="utf-8") if journal else None
@@ -448,7 +487,7 @@ def summarise(records: list[dict], methods: list[str], tasks: list[str]) -> list
         done = [r for r in mine if "answer_nll" in r]
         return {"method": method, "task": task, "n": len(done), "skipped": len(mine) - len(done),
                 **{m: float(np.mean([r[m] for r in done])) if done and m in done[0] else float("nan")
-                   for m in ("f1", "em", "rougeL", "answer_nll", "seconds")}}
+                   for m in ("f1", "em", "rougeL", "answer_nll", "seconds", *(f"hit@{k}" for k in HITS))}}
 
     rows = []
     for method in methods:
@@ -558,6 +597,14 @@ def qa_markdown(rows: list[dict], records: list[dict]) -> str:
                   "|---|---|---:|---:|---:|---:|---:|"]
         for method in recovering:
             lines += _recovered_rows(records, method)
+    asked = [r for r in rows if r["method"].startswith(LIBRARY)]
+    if asked:
+        lines += ["", "Over the stored library: how often retrieval put the question's own document first (hit@1) or "
+                  "among the first three (hit@3); the answer NLL of `library:M` against `M` above is what retrieving "
+                  "among all the library's documents costs:", "",
+                  "| task | method | n | hit@1 | hit@3 | answer NLL |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['task']} | {r['method']} | {r['n']} | {r['hit@1']:.2f} | {r['hit@3']:.2f} "
+                  f"| {r['answer_nll']:.3f} |" for r in sorted(asked, key=lambda r: _task_order(r["task"]))]
     places = sorted({r["answer_read"] for r in records if r["method"] == "rag" and "answer_read" in r})
     if "hybrid" in methods and places:  # does the compressed context help where rag's passages miss the answer?
         lines += ["", "`hybrid` minus `rag` by where `rag`'s input held the answer (a chunk holding a reference verbatim "

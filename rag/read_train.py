@@ -13,6 +13,7 @@ Questions whose answer does not occur verbatim in a whole chunk are not drawn.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from extensible.errors import UserError
@@ -23,13 +24,14 @@ from .qa_eval import answer_chunks, read_leval
 
 
 class QAReading:
-    """The read objective on QA files, ``weight`` times its loss; one k per sample from ``ks``."""
+    """The read objective on QA files, ``weight`` times its loss; one k per sample from ``ks``, or from what
+    ``ks_now()`` returns at each step when given (the trainer's k curriculum)."""
 
     name = "qa_read"
 
     def __init__(self, files: list[str], tokenizer, chunk_size: int, ks: list[int], weights: ReadingWeights,
                  questions: int = 4, distractors: int = 1, answer_tokens: int = 32, weight: float = 1.0,
-                 method: str = "strided"):
+                 method: str = "strided", ks_now: Callable[[], list[int]] | None = None):
         if questions < 2 or distractors < 0 or answer_tokens < 2 or weight <= 0:
             raise UserError("--qa-questions must be >= 2 (each sample's foreign rows are another's), --qa-distractors "
                             ">= 0, --qa-answer-tokens >= 2, --qa-weight > 0")
@@ -40,6 +42,7 @@ class QAReading:
         self.tokenizer, self.chunk_size, self.ks, self.weights = tokenizer, chunk_size, list(ks), weights
         self.questions, self.distractors, self.answer_tokens = questions, distractors, answer_tokens
         self.weight, self.method = weight, method
+        self.ks_now = ks_now or (lambda: self.ks)
         self.end = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else \
             [tokenizer.eos_token_id]  # the end of the assistant's turn, so that answers learn to stop
         self.separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
@@ -91,7 +94,8 @@ class QAReading:
                 break
         if len(samples) < 2:
             raise UserError("fewer than two --qa questions have an answer verbatim in a whole chunk")
-        return samples, [random.choice(self.ks) for _ in samples]
+        ks = self.ks_now()
+        return samples, [random.choice(ks) for _ in samples]
 
     def loss(self, llm, embedder):
         samples, ks = self.draw()

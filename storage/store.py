@@ -7,13 +7,20 @@ Layout of a store folder::
                                one shard file per block, 128-row inner chunks, zstd
     texts/<content hash>.txt   the document text (passages for retrieval are its chunk spans)
     docs/<content hash>/record.json   the document's manifest row, written once its array and text are complete
-    manifest.parquet           one row per stored document: the commit point (manifest.prev.parquet: the one before)
+    manifest.parquet           the manifest's compacted rows, one per stored document; its metadata names its
+                               generation g (manifest.prev.parquet: the generation before)
+    manifest.<g>.jsonl         the journal of generation g: the rows committed since, one JSON line each
     .lock                      held by the one writer (filelock); .lock.holder says who
 
-A document becomes visible only when its manifest row is committed (written under the lock to a unique temporary file
-in the same folder, then renamed over the manifest), after its array, text and record are complete. A killed job
-leaves at most invisible arrays, which a rerun overwrites. The manifest is only an index: ``repair`` rebuilds it from
-the records. Every inner chunk carries a crc32c checksum, so damaged bytes are an error on read, never wrong vectors.
+A document becomes visible only when its manifest row is committed -- appended under the lock to the journal as one
+complete, fsync'd line -- after its array, text and record are complete. A commit costs its own rows, not the
+library's: when the journal holds as many rows as the compacted file (and at least ``JOURNAL_MIN``), both are written
+as generation g + 1 (to a unique temporary file, then renamed over ``manifest.parquet``) and the journal starts anew,
+so each row is rewritten a bounded number of times on average. A killed commit leaves at most a torn last journal line,
+which readers ignore and the next commit cuts off, and invisible arrays, which a rerun overwrites. The manifest is
+only an index: ``repair`` rebuilds it from the records. Every inner chunk carries a crc32c checksum, so damaged bytes
+are an error on read, never wrong vectors. Readers keep the manifest in memory and re-read only what changed (a stat
+of the two files per read), so a query costs the same in a library of 100 or 100,000 documents.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,6 +59,7 @@ from .rows import RowOrder, block_order, prefix_length, prefix_readable
 FORMAT_VERSION = 1
 MANIFEST = "manifest.parquet"
 PREVIOUS_MANIFEST = "manifest.prev.parquet"
+JOURNAL_MIN = 256  # rows the journal may hold before a compaction, however small the compacted file
 RECORD = "record.json"
 LOCK = ".lock"
 INNER_ROWS = 128
@@ -92,6 +101,39 @@ def _repair_hint(path: Path) -> str:
     return f"run: extemb store verify {path} (and extemb store repair {path})"
 
 
+def journal_name(generation: int) -> str:
+    return f"manifest.{generation}.jsonl"
+
+
+def _row_to_json(row: dict) -> str:
+    created = row["created"]
+    return json.dumps({**row, "created": created.isoformat() if hasattr(created, "isoformat") else created})
+
+
+def _row_from_json(line: bytes) -> dict:
+    row = json.loads(line)
+    row["created"] = dt.datetime.fromisoformat(row["created"]) if row.get("created") else None
+    return row
+
+
+class _Manifest:
+    """The manifest as this process last read it: the compacted file's rows plus the journal's complete lines,
+    refreshed by what changed since (the journal from where the last read stopped)."""
+
+    def __init__(self):
+        self.base_key, self.generation, self.base_rows = None, 0, []
+        self.journal_offset, self.journal_rows = 0, []
+        self.by_id: dict[str, dict] = {}
+        self.hashes: set[str] = set()
+        self.count = 0
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.by_id.setdefault(row["doc_id"], row)  # the first row of a doc_id is the one served, as before
+            self.hashes.add(row["content_hash"])
+        self.count += len(rows)
+
+
 def sha256_file(path: Path) -> str:
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -119,6 +161,8 @@ class Store:
         # One lock object per store path in this process, so the job's lock and its commits nest (in one thread).
         self._lock = filelock.FileLock(path / LOCK, is_singleton=True, thread_local=False)
         self._thread_lock = _thread_lock(path)
+        self._cache = _Manifest()
+        self._cache_guard = threading.Lock()
 
     # ---- opening -----------------------------------------------------------------------------------------------
 
@@ -180,7 +224,7 @@ class Store:
 
     def is_empty(self) -> bool:
         """Nothing committed and no complete document on disk: the store is not yet pinned to an embedder."""
-        return not (self.path / MANIFEST).exists() and not any((self.path / "docs").glob(f"*/{RECORD}"))
+        return self.count() == 0 and not any((self.path / "docs").glob(f"*/{RECORD}"))
 
     # ---- the writer's lock -------------------------------------------------------------------------------------
 
@@ -234,48 +278,146 @@ class Store:
 
     # ---- the manifest ------------------------------------------------------------------------------------------
 
-    def manifest(self) -> pa.Table:
-        file = self.path / MANIFEST
-        if not file.exists():
-            return MANIFEST_SCHEMA.empty_table()
+    def _unreadable(self, name: str, err: Exception) -> UserError:
+        return UserError(f"the manifest {self.path / name} is unreadable ({type(err).__name__}); "
+                         f"run: extemb store repair {self.path}")
+
+    def _refresh(self) -> _Manifest:
+        """The manifest as it is on disk now, reading only what changed since the last read."""
+        with self._cache_guard:
+            for _ in range(3):  # a compaction between reading the file and its journal: read again
+                cache = self._cache
+                file = self.path / MANIFEST
+                try:
+                    stat = file.stat()
+                    key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                except FileNotFoundError:
+                    key = None
+                    if any(self.path.glob("manifest.*.jsonl")):
+                        raise UserError(f"the manifest {file} is missing but its journal is there; "
+                                        f"run: extemb store repair {self.path}")
+                if key != cache.base_key:
+                    cache = _Manifest()
+                    if key is not None:
+                        try:
+                            table = pq.read_table(file, schema=MANIFEST_SCHEMA)
+                            metadata = pq.read_schema(file).metadata or {}
+                        except Exception as err:  # truncated or overwritten: the records can rebuild it
+                            raise self._unreadable(MANIFEST, err) from None
+                        cache.generation = int(metadata.get(b"generation", b"0"))
+                        cache.base_rows = table.to_pylist()
+                        cache.add(cache.base_rows)
+                    cache.base_key = key
+                journal = self.path / journal_name(cache.generation)
+                try:
+                    with journal.open("rb") as handle:
+                        handle.seek(cache.journal_offset)
+                        data = handle.read()
+                except FileNotFoundError:
+                    data = b""
+                    if key is not None and self._base_key() != key:
+                        self._cache = _Manifest()
+                        continue
+                complete = data[: data.rfind(b"\n") + 1]  # a torn last line (a killed commit) is not committed
+                try:
+                    rows = [_row_from_json(line) for line in complete.splitlines() if line.strip()]
+                except (ValueError, KeyError) as err:
+                    raise self._unreadable(journal.name, err) from None
+                cache.journal_rows += rows
+                cache.add(rows)
+                cache.journal_offset += len(complete)
+                self._cache = cache
+                return cache
+            raise UserError(f"the manifest of {self.path} kept changing while it was read; try again")
+
+    def _base_key(self):
         try:
-            return pq.read_table(file, schema=MANIFEST_SCHEMA)
-        except Exception as err:  # truncated or overwritten: the records can rebuild it
-            raise UserError(f"the manifest {file} is unreadable ({type(err).__name__}); "
-                            f"run: extemb store repair {self.path}") from None
+            stat = (self.path / MANIFEST).stat()
+            return stat.st_ino, stat.st_mtime_ns, stat.st_size
+        except FileNotFoundError:
+            return None
+
+    def manifest(self) -> pa.Table:
+        """Every committed row, in commit order."""
+        cache = self._refresh()
+        return pa.Table.from_pylist(cache.base_rows + cache.journal_rows, schema=MANIFEST_SCHEMA)
+
+    def count(self) -> int:
+        return self._refresh().count
 
     def __len__(self) -> int:
-        return self.manifest().num_rows
+        return self.count()
+
+    def rows_by_id(self) -> dict[str, dict]:
+        """Every document's manifest row by doc_id, as committed now (read-only: shared with this store's cache)."""
+        return self._refresh().by_id
+
+    def row(self, doc_id: str) -> dict:
+        """One document's manifest row (a dict lookup, whatever the library's size)."""
+        row = self.rows_by_id().get(doc_id)
+        if row is None:
+            raise UserError(f"no document {doc_id!r} in {self.path}")
+        return row
 
     def stored_hashes(self) -> set[str]:
-        return set(self.manifest().column("content_hash").to_pylist())
+        return set(self._refresh().hashes)
 
     def commit(self, rows: list[dict]) -> list[dict]:
-        """Appends manifest rows under the lock, atomically; a document already listed is not added twice.
+        """Appends manifest rows under the lock, atomically per row; a document already listed is not added twice.
         Returns the rows that were new."""
         if not rows:
             return []
         with self.lock(timeout=COMMIT_WAIT_S):
-            current = self.manifest()
-            listed = set(current.column("content_hash").to_pylist())
-            new_rows = []
+            cache = self._refresh()
+            new_rows, batch = [], set()
             for row in rows:
-                if row["content_hash"] not in listed:
-                    listed.add(row["content_hash"])
+                if row["content_hash"] not in cache.hashes and row["content_hash"] not in batch:
+                    batch.add(row["content_hash"])
                     new_rows.append(row)
-            if new_rows:
-                now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-                new = pa.Table.from_pylist([{**row, "created": row.get("created") or now} for row in new_rows],
-                                           schema=MANIFEST_SCHEMA)
-                self._write_manifest(pa.concat_tables([current, new]))
+            if not new_rows:
+                return []
+            now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+            stamped = [{**row, "created": row.get("created") or now} for row in new_rows]
+            if cache.base_key is None:  # the first commit writes the compacted file, which names the generation
+                self._write_manifest(pa.Table.from_pylist(stamped, schema=MANIFEST_SCHEMA), cache.generation)
+            else:
+                self._append_journal(cache, stamped)
+                if len(cache.journal_rows) + len(stamped) >= max(JOURNAL_MIN, len(cache.base_rows)):
+                    self._compact()
         return new_rows
 
-    def _write_manifest(self, table: pa.Table) -> None:
+    def _append_journal(self, cache: _Manifest, rows: list[dict]) -> None:
+        """One write of complete lines, fsync'd: the commit point. A torn tail of a killed commit is cut off first."""
+        journal = self.path / journal_name(cache.generation)
+        with journal.open("ab") as handle:
+            handle.truncate(cache.journal_offset)
+            handle.write("".join(_row_to_json(row) + "\n" for row in rows).encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _compact(self) -> None:
+        """The compacted file and the journal as generation g + 1 (the journal of g stays until the next compaction:
+        a reader that read the file of g reads its journal)."""
+        cache = self._refresh()
+        rows = cache.base_rows + cache.journal_rows
+        self._write_manifest(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), cache.generation + 1)
+        for old in self.path.glob("manifest.*.jsonl"):
+            if old.name not in (journal_name(cache.generation), journal_name(cache.generation + 1)):
+                old.unlink(missing_ok=True)
+        with self._cache_guard:  # the writer knows what it wrote: no re-read of the whole manifest
+            compacted = _Manifest()
+            compacted.base_key, compacted.generation, compacted.base_rows = self._base_key(), cache.generation + 1, rows
+            compacted.by_id, compacted.hashes, compacted.count = cache.by_id, cache.hashes, cache.count
+            self._cache = compacted
+
+    def _write_manifest(self, table: pa.Table, generation: int) -> None:
         """Keeps the previous generation (manifest.prev.parquet), then renames the new one into place."""
         file = self.path / MANIFEST
         if file.exists():
             _write_atomically(self.path / PREVIOUS_MANIFEST, lambda tmp: shutil.copyfile(file, tmp))
+        table = table.replace_schema_metadata({**(MANIFEST_SCHEMA.metadata or {}), b"generation": str(generation)})
         _write_atomically(file, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        (self.path / journal_name(generation)).unlink(missing_ok=True)  # a new generation starts with an empty journal
 
     def write_text(self, content_hash: str, text: str) -> str:
         """Stores a document's text (exactly the UTF-8 bytes that were hashed); returns its path in the store."""
@@ -305,11 +447,23 @@ class Store:
                 except Exception as err:
                     done.append(f"{name} was unreadable ({type(err).__name__}); rebuilt from the records")
                     continue
-                if name == MANIFEST:
-                    hashes = [r["content_hash"] for r in rows]
-                    if len(hashes) != len(set(hashes)):
-                        done.append(f"dropped {len(hashes) - len(set(hashes))} duplicate manifest rows")
                 current += rows
+            try:
+                listed = self.manifest().column("content_hash").to_pylist()
+                if len(listed) != len(set(listed)):
+                    done.append(f"dropped {len(listed) - len(set(listed))} duplicate manifest rows")
+            except UserError:
+                pass  # named above
+            journals = sorted(self.path.glob("manifest.*.jsonl"))
+            for journal in journals:  # every generation's complete, readable lines
+                for line in journal.read_bytes().splitlines(keepends=True):
+                    try:
+                        current.append(_row_from_json(line) if line.endswith(b"\n") else None)
+                    except (ValueError, KeyError):
+                        current.append(None)
+                if None in current:
+                    done.append(f"ignored {current.count(None)} damaged or torn lines of {journal.name}")
+                    current = [row for row in current if row is not None]
             candidates: dict[str, dict] = {}
             for file in sorted((self.path / "docs").glob(f"*/{RECORD}")):
                 try:
@@ -331,7 +485,10 @@ class Store:
             for row in keep:
                 if not (self.path / row["array"] / RECORD).exists():
                     self.write_record({k: v for k, v in row.items() if k != "created"})
-            self._write_manifest(pa.Table.from_pylist(keep, schema=MANIFEST_SCHEMA))
+            generations = [int(j.name.split(".")[1]) for j in journals if j.name.split(".")[1].isdigit()]
+            self._write_manifest(pa.Table.from_pylist(keep, schema=MANIFEST_SCHEMA), max(generations, default=0) + 1)
+            for journal in journals:
+                journal.unlink(missing_ok=True)
             done += self._remove_orphans(keep)
             done.append(f"manifest rebuilt: {len(keep)} documents")
         return done
@@ -368,10 +525,7 @@ class Store:
         return DocumentWriter(self, content_hash, n_tokens)
 
     def document(self, doc_id: str) -> StoredDocument:
-        rows = self.manifest().filter(pa.compute.equal(pa.compute.field("doc_id"), doc_id)).to_pylist()
-        if not rows:
-            raise UserError(f"no document {doc_id!r} in {self.path}")
-        return StoredDocument(self, rows[0])
+        return StoredDocument(self, self.row(doc_id))
 
     def documents(self) -> list[StoredDocument]:
         return [StoredDocument(self, row) for row in self.manifest().to_pylist()]
@@ -417,9 +571,9 @@ class Store:
         problems = [f"{row['doc_id']}: {problem}" for row in table.to_pylist()
                     if (problem := self.check_document(row))]
         for column in ("doc_id", "content_hash"):
-            values = table.column(column).to_pylist()
-            problems += [f"{value}: listed {values.count(value)} times; run: extemb store repair {self.path}"
-                         for value in sorted(set(values)) if values.count(value) > 1]
+            counts = Counter(table.column(column).to_pylist())
+            problems += [f"{value}: listed {n} times; run: extemb store repair {self.path}"
+                         for value, n in sorted(counts.items()) if n > 1]
         return problems
 
     def info(self) -> dict:

@@ -33,8 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,11 +215,14 @@ def cli(main, argv: list[str]) -> tuple[int, str]:
 
 
 def stored(store: Path) -> int:
-    """Rows committed to a store's manifest, from the Parquet footer: cheap enough to poll while a job runs (commits
-    rename a complete file over the manifest, so a reader never sees half of one)."""
+    """Rows committed to a store's manifest (the compacted file and its journal), cheap enough to poll while a job
+    runs: the store reads only what changed."""
+    from extensible.errors import UserError
+    from storage.store import Store
+
     try:
-        return pq.read_metadata(store / "manifest.parquet").num_rows
-    except (OSError, pa.ArrowInvalid):
+        return len(Store.open(store))
+    except UserError:  # not created yet
         return 0
 
 

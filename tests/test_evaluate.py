@@ -34,9 +34,10 @@ def test_bad_methods_are_refused(text):
 
 
 def test_foreign_methods_parse_only_for_eval_ppl():
-    methods = parse_methods("window,foreign:ext:4,foreign:ext:adaptive", foreign=True)
-    assert methods == ["window", "foreign:ext:4", "foreign:ext:adaptive"]
-    for text, foreign in [("foreign:ext:4", False), ("foreign:window", True), ("foreign:ext:0", True)]:
+    methods = parse_methods("window,foreign:ext:4,foreign:ext:adaptive,recall:4,foreign:recall:4", foreign=True)
+    assert methods == ["window", "foreign:ext:4", "foreign:ext:adaptive", "recall:4", "foreign:recall:4"]
+    for text, foreign in [("foreign:ext:4", False), ("foreign:window", True), ("foreign:ext:0", True),
+                          ("recall:4", False), ("recall:x", True), ("foreign:recall:0", True)]:
         with pytest.raises(UserError):
             parse_methods(text, foreign=foreign)
 
@@ -79,6 +80,26 @@ def test_foreign_reads_the_donor_rows_and_only_them(tiny_lm):
     report = markdown_report(rows, per_sample)
     row = next(line for line in report.splitlines() if line.startswith("| ext:4 - foreign:ext:4 | 200 |"))
     assert row.endswith("% |") and "nats/token" in report
+
+
+def test_recall_scores_the_tail_after_its_own_or_the_donors_rows(tiny_lm):
+    docs = library()
+    rows, per_sample = evaluate(Protocol(tiny_lm), docs, [50], ["recall:4", "foreign:recall:4"], tail=40,
+                                per_document=2, progress=False)
+    embed = tiny_lm.llm.get_input_embeddings()
+    for i, sample in enumerate(draw_samples(docs, 50, 40, 2)):
+        target = sample.ids[-40:-8]  # the tail's two whole 16-token chunks
+        for method, source in (("recall:4", target), ("foreign:recall:4", donor_span(docs, sample, 50)[-40:-8])):
+            outputs = tiny_lm.embedder(source.view(2, 16))  # by hand: every 4th row of each chunk, then the tokens
+            inputs = torch.cat([outputs[0, 3::4], outputs[1, 3::4], embed(target[:-1])])[None]
+            logits = tiny_lm.llm(inputs_embeds=inputs).logits[0, -32:]
+            expected = torch.nn.functional.cross_entropy(logits.float(), target).item()
+            assert per_sample[(method, 50)][i] == pytest.approx(expected, abs=1e-4)
+    assert "| recall:4 - foreign:recall:4 | 50 |" in markdown_report(rows, per_sample)
+    with pytest.raises(UserError, match="at least the chunk size"):
+        evaluate(Protocol(tiny_lm), docs, [50], ["recall:4"], tail=8, progress=False)
+    with pytest.raises(UserError, match="at most the chunk size"):
+        evaluate(Protocol(tiny_lm), docs, [50], ["recall:32"], tail=32, progress=False)
 
 
 @pytest.mark.parametrize("lengths,message", [({"a": 600}, "give --data two or more documents"),

@@ -77,13 +77,13 @@ def test_two_writers_committing_at_once_lose_nothing(tmp_path):
 def test_two_threads_committing_at_once_lose_nothing(tmp_path, monkeypatch):
     # filelock's per-path singleton is re-entrant across the threads of a process: the store must exclude them itself.
     path = Store.create_or_open(tmp_path / "store", "e", "l", HIDDEN, CHUNK, block_rows=256).path
-    write_manifest = Store._write_manifest
+    append = Store._append_journal
 
-    def slow_write(self, table):  # widens the read-then-write window of a commit: a race would lose rows every time
+    def slow_append(self, cache, rows):  # widens the read-then-write window of a commit: a race would lose rows
         time.sleep(0.05)
-        write_manifest(self, table)
+        append(self, cache, rows)
 
-    monkeypatch.setattr(Store, "_write_manifest", slow_write)
+    monkeypatch.setattr(Store, "_append_journal", slow_append)
     start = threading.Barrier(2)
 
     def writer(seeds):
@@ -206,6 +206,8 @@ def test_a_truncated_manifest_is_rebuilt_by_repair(store, capsys):
 
 def test_repair_drops_duplicates_and_damaged_documents(store, capsys):
     table = store.manifest()
+    for journal in store.path.glob("manifest.*.jsonl"):  # every row in the compacted file, one of them twice
+        journal.unlink()
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), store.path / "manifest.parquet")
     problems = Store.open(store.path).verify()
     assert any("doc1: listed 2 times; run: extemb store repair" in p for p in problems)

@@ -193,6 +193,41 @@ def test_embedder_mean_index_is_built_from_the_stored_outputs(store_path, lm):
     assert len(hits) >= 1 and all(-1.0001 <= h.score <= 1.0001 for h in hits)
 
 
+def test_a_large_library_gets_a_graph_index_that_finds_what_the_exact_one_finds(store_path, lm, monkeypatch):
+    import rag.index
+
+    store = Store.open(store_path)
+    exact = PassageIndex.open(store, "minilm")
+    monkeypatch.setattr(rag.index, "GRAPH_FROM", 10)  # this store's passages count as a large library
+    folder = build_index(store, "minilm", progress=False)
+    assert json.loads((folder / "meta.json").read_text())["kind"] == "hnsw"
+    graph = PassageIndex.open(Store.open(store_path), "minilm")
+    assert graph.index.ntotal == exact.index.ntotal and graph.index.hnsw.efSearch == rag.index.GRAPH_SEARCH_DEPTH
+    vector = Library(store, lm=lm)._question_vector("Where did the lava from the eruption go?")
+    assert [(h.doc_id, h.chunk) for h in graph.search(vector, 5)] == [(h.doc_id, h.chunk) for h in exact.search(vector, 5)]
+    doc_id = exact.passages[0]["doc_id"]
+    assert graph.chunk_scores(vector, doc_id) == pytest.approx(exact.chunk_scores(vector, doc_id))
+
+
+def test_a_library_reads_hashes_and_tokenises_a_text_once(store_path, lm, monkeypatch):
+    library = Library(store_path, lm=lm)
+    reads = []
+    text = Store.text
+
+    def counted(store, row):
+        reads.append(row["doc_id"])
+        return text(store, row)
+
+    monkeypatch.setattr(Store, "text", counted)
+    first = library.answer("What flowed down the volcano?", documents=2, strategy="hybrid", max_new_tokens=2)
+    read_once = list(reads)
+    again = library.answer("What flowed down the volcano?", documents=2, strategy="hybrid", max_new_tokens=2)
+    assert len(set(read_once)) == len(read_once) and {s.doc_id for s in first.sources} <= set(read_once)
+    assert reads == read_once  # the second query read (and hashed) no text again
+    assert [s.chunk_ks for s in again.sources] == [s.chunk_ks for s in first.sources]
+    assert again.answer == first.answer
+
+
 def test_missing_and_stale_indexes_are_refused_not_rebuilt(store_path, tiny8, tmp_path):
     store = Store.open(store_path)
     with pytest.raises(UserError, match="no embedder-mean passage index.*extemb index"):
@@ -568,3 +603,33 @@ def test_ext_k_reads_the_chat_templates_opening_raw_in_front(tiny8):
     reference = lm.tokenizer("gamma", add_special_tokens=False)["input_ids"][:4]
     nll, _ = evaluation.answer_nll("ext:4", doc, "What came last?", reference)
     assert nll == pytest.approx(lm.score(ids + reference, len(reference), 4, prefix=opening).mean_nll)
+
+
+def test_eval_qa_over_the_stored_library_finds_each_questions_document(lm, tiny8, tmp_path):
+    records = [{"input": document(seed, topic), "instructions": [question], "outputs": [answer]}
+               for seed, (topic, question, answer) in enumerate([
+                   ("volcano", "Where did the red lava and hot magma flow?", "down the mountain"),
+                   ("bank", "What did the bank raise on loans and mortgages?", "the interest rate"),
+                   ("football", "Who cheered for the striker in the stadium?", "the fans")])]
+    data = qa_file(tmp_path, records)
+    store = tmp_path / "library"
+    with pytest.raises(UserError, match="give --store"):
+        evaluate_qa(lm, [data], ["library:rag"], progress=False)
+    precompute(data, str(store), model=tiny8, chunk_size=16, progress=False, text_column="input")
+    build_index(Store.open(store), "minilm", progress=False)
+    rows, asked = evaluate_qa(lm, [data], ["rag", "library:rag", "library:hybrid"], max_new_tokens=4,
+                              generate=False, progress=False, store=store)
+    library = {r["method"]: r for r in rows if r["task"] == "all"}
+    assert library["library:rag"]["hit@1"] == library["library:hybrid"]["hit@1"] == 1.0  # one topic each
+    assert library["library:rag"]["hit@3"] == 1.0 and library["library:rag"]["n"] == 3
+    for record in (r for r in asked if r["method"].startswith("library:")):
+        assert len(record["sources"]) == 2 and record["answer_nll"] > 0
+    report = qa_markdown(rows, asked)
+    assert "| all | library:rag | 3 | 1.00 | 1.00 |" in report
+    other = qa_file(tmp_path, [{"input": document(9, "bank"), "instructions": ["q"], "outputs": ["a"]}], "other.jsonl")
+    with pytest.raises(UserError, match="1 documents of .*other.jsonl are not in the store .*--text-column input"):
+        evaluate_qa(lm, [other], ["library:rag"], progress=False, store=store)
+    with pytest.raises(UserError, match="over a stored library: library:rag, library:hybrid"):
+        parse_qa_methods("library:graded")
+    with pytest.raises(UserError, match="rag:32: K must be at most the chunk size \\(16\\)"):
+        evaluate_qa(lm, [data], ["rag:32"], progress=False)

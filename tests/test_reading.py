@@ -120,6 +120,12 @@ def test_qa_samples_are_rag_k_reads_of_the_answers_chunk_from_distinct_documents
     assert all(tokenizer.decode(s.target) == "under" for s in cut.draw()[0])  # a cut answer does not end the turn
     with pytest.raises(UserError, match="qa-questions"):
         QAReading([str(qa_file(tmp_path))], tokenizer, 64, [8], ReadingWeights(), questions=1)
+    opened = [[2]]  # the trainer's curriculum: what ks_now returns changes with the step
+    staged = QAReading([str(qa_file(tmp_path))], tokenizer, 64, [2, 8], ReadingWeights(), questions=3,
+                       ks_now=lambda: opened[0])
+    assert staged.draw()[1] == [2, 2, 2]
+    opened[0] = [8]
+    assert staged.draw()[1] == [8, 8, 8]
 
 
 def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_path):
@@ -129,7 +135,7 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     (books / "two.txt").write_text(words(2, 300))
     tiny = ["--gpu", "--model", str(tiny_path), "--init-from", "", "--data", str(books), "--exclude",
             "--qa", str(qa_file(tmp_path)), "--qa-questions", "2", "--layers", "2", "--chunk", "64",
-            "--sample-tokens", "128", "--target-tokens", "8", "--ks", "2", "4", "--row-mlp", "16", "--batch-size", "2",
+            "--sample-tokens", "128", "--target-tokens", "8", "--ks", "2", "4", "--k-curriculum", "2", "--row-mlp", "16", "--batch-size", "2",
             "--steps", "3", "--max-minutes", "60", "--save-every", "1"]
     assert read_recipe([*tiny, "--out", str(tmp_path / "straight")]) == 0
     assert read_recipe([*tiny, "--out", str(tmp_path / "resumed"), "--stop-at", "1"]) == 0

@@ -3,11 +3,13 @@
 import hashlib
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from extensible import UserError, downscale_chunk, kept_positions
 from storage.rows import block_order, prefix_length
+from storage import store as store_module
 from storage.store import Store
 
 HIDDEN, CHUNK = 8, 64
@@ -72,6 +74,43 @@ def test_the_manifest_is_the_commit_point(store):
     assert Store.open(store.path).manifest().column("doc_id").to_pylist() == ["doc1"]
     store.writer(content_hash(2), 100).append(np.zeros((50, HIDDEN)))  # a killed write: array exists, no manifest row
     assert len(Store.open(store.path)) == 1 and Store.open(store.path).verify() == []
+
+
+def manifest_row(seed):
+    return {"doc_id": f"doc{seed}", "source": "test", "content_hash": content_hash(seed), "n_tokens": 1,
+            "chunk_size": CHUNK, "chunk_char_offsets": [0, 1], "dtype": "float16", "shape": [1, HIDDEN],
+            "array": f"docs/{seed}", "text_path": f"texts/doc{seed}.txt", "checksum": "x",
+            "embedder_fingerprint": "e", "llm_fingerprint": "l"}
+
+
+def test_commits_append_to_a_journal_that_compacts_geometrically(store, monkeypatch):
+    monkeypatch.setattr(store_module, "JOURNAL_MIN", 4)
+    reader = Store.open(store.path)  # another reader: it sees every commit, reading only what changed
+    generations = []
+    for seed in range(20):
+        store.commit([manifest_row(seed)])
+        generations.append(int(pq.read_schema(store.path / "manifest.parquet").metadata[b"generation"]))
+        assert reader.manifest().column("doc_id").to_pylist() == [f"doc{s}" for s in range(seed + 1)]
+        assert reader.row(f"doc{seed}")["content_hash"] == content_hash(seed) and len(reader) == seed + 1
+    # compactions when the journal holds as many rows as the compacted file (at least 4): after 5, 10 and 20 rows
+    assert generations == [0] * 4 + [1] * 5 + [2] * 10 + [3]
+    assert [p.name for p in store.path.glob("manifest.*.jsonl")] == ["manifest.2.jsonl"]  # g's stays till g + 2
+    assert store.commit([manifest_row(3)]) == [] and len(reader) == 20
+
+
+def test_a_torn_journal_line_is_not_committed_and_the_next_commit_cuts_it(store):
+    store.commit([manifest_row(0)])
+    store.commit([manifest_row(1)])
+    journal = store.path / "manifest.0.jsonl"
+    intact = journal.read_bytes()
+    journal.write_bytes(intact + b'{"doc_id": "doc9", "sou')  # a commit killed mid-write
+    assert Store.open(store.path).manifest().column("doc_id").to_pylist() == ["doc0", "doc1"]
+    store.commit([manifest_row(2)])
+    assert journal.read_bytes().startswith(intact + b'{"doc_id": "doc2"')
+    assert Store.open(store.path).manifest().column("doc_id").to_pylist() == ["doc0", "doc1", "doc2"]
+    (store.path / "manifest.parquet").unlink()
+    with pytest.raises(UserError, match="missing but its journal is there; run: extemb store repair"):
+        Store.open(store.path).manifest()
 
 
 def test_verify_names_a_corrupt_document(store):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from extensible import EmbedderConfig, ExtensibleEmbedder, ExtensibleLM, UserError
-from extensible.training import TrainConfig, Trainer, two_stream_loss
+from extensible.training import TrainConfig, Trainer, curriculum_ks, two_stream_loss
 
 
 @pytest.fixture
@@ -137,6 +137,17 @@ def test_lora_training_saves_a_small_plugin(tiny_path, book_folder, tmp_path):
     assert stored and all("lora_" in key or key == "norm.weight" for key in stored)
 
 
+def test_the_k_curriculum_opens_the_ks_smallest_first(tiny_path, book_folder, tmp_path):
+    ks = [2, 4, 4, 8]
+    assert [curriculum_ks(ks, step, 6) for step in (0, 1, 2, 3, 4, 5, 6, 100)] == \
+        [[2], [2], [2, 4, 4], [2, 4, 4], [2, 4, 4, 8], [2, 4, 4, 8], [2, 4, 4, 8], [2, 4, 4, 8]]
+    assert curriculum_ks(ks, 0, 0) == ks
+    trainer = Trainer(config(tiny_path, book_folder, tmp_path / "run", ks=[2, 8], k_curriculum=2), progress=False)
+    assert {k for _ in range(10) for k in trainer.next_batch()[1]} == {2}
+    trainer.step = 1
+    assert {k for _ in range(20) for k in trainer.next_batch()[1]} == {2, 8}
+
+
 def test_bad_training_input_is_refused(tiny_path, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -151,6 +162,8 @@ def test_bad_training_input_is_refused(tiny_path, tmp_path):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[0, 4])
     with pytest.raises(UserError, match="recent-chunks must be in 0..2"):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[4], recent_chunks=3)
+    with pytest.raises(UserError, match="k-curriculum must be >= 0"):
+        TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[4], k_curriculum=-1)
 
 
 def test_two_processes_keep_the_schedule_and_draw_different_samples(tiny_path, tmp_path):

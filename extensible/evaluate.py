@@ -248,6 +248,11 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
                         f"chunk size ({protocol.lm.chunk_size})")
     if any(protocol.k_for(m, 0) > protocol.lm.chunk_size for m in recall):
         raise UserError(f"{recall[0]}: K must be at most the chunk size ({protocol.lm.chunk_size})")
+    for method in recall:  # the tail's whole chunks as rows, then as tokens, must fit the window
+        chunks, size, k = tail // protocol.lm.chunk_size, protocol.lm.chunk_size, protocol.k_for(method, 0)
+        if chunks * (size + -(-size // k)) - 1 > protocol.lm.window:
+            raise UserError(f"{method}: {chunks} chunks read as rows and then as tokens do not fit --window "
+                            f"{protocol.lm.window}; lower --tail or raise K")
     foreign = [m for m in methods if m.startswith(FOREIGN)]
     if foreign and len(documents) < 2:
         raise UserError(f"{foreign[0]} reads another document's compressed rows: give --data two or more documents")

@@ -56,7 +56,8 @@ from extensible.models import base_fingerprint
 
 from .rows import RowOrder, block_order, prefix_length, prefix_readable
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's journal; a format-1 store (no journal) is read, and becomes 2 at its next commit
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.parquet"
 PREVIOUS_MANIFEST = "manifest.prev.parquet"
 JOURNAL_MIN = 256  # rows the journal may hold before a compaction, however small the compacted file
@@ -213,8 +214,9 @@ class Store:
         except Exception as err:  # a damaged zarr.json
             raise UserError(f"{path}/zarr.json is unreadable ({type(err).__name__}); the store cannot be opened") from None
         version = group.attrs.get("format_version")
-        if version != FORMAT_VERSION:
-            raise UserError(f"{path} has store format {version}; this version reads format {FORMAT_VERSION}")
+        if version not in READABLE_FORMATS:
+            raise UserError(f"{path} has store format {version}; this version reads formats "
+                            f"{', '.join(map(str, READABLE_FORMATS))}")
         return cls(path, group)
 
     def fingerprint_clash(self, fingerprints: dict[str, str], whose: str) -> list[str]:
@@ -299,9 +301,13 @@ class Store:
                 if key != cache.base_key:
                     cache = _Manifest()
                     if key is not None:
-                        try:
-                            table = pq.read_table(file, schema=MANIFEST_SCHEMA)
-                            metadata = pq.read_schema(file).metadata or {}
+                        try:  # one open file: its rows, generation and key are of one generation
+                            with file.open("rb") as handle:
+                                opened = os.fstat(handle.fileno())
+                                key = (opened.st_ino, opened.st_mtime_ns, opened.st_size)
+                                table = pq.read_table(handle, schema=MANIFEST_SCHEMA)
+                                handle.seek(0)
+                                metadata = pq.read_schema(handle).metadata or {}
                         except Exception as err:  # truncated or overwritten: the records can rebuild it
                             raise self._unreadable(MANIFEST, err) from None
                         cache.generation = int(metadata.get(b"generation", b"0"))
@@ -377,7 +383,11 @@ class Store:
             if not new_rows:
                 return []
             now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-            stamped = [{**row, "created": row.get("created") or now} for row in new_rows]
+            # through the manifest's schema: the journal holds exactly what the compacted file would
+            stamped = pa.Table.from_pylist([{**row, "created": row.get("created") or now} for row in new_rows],
+                                           schema=MANIFEST_SCHEMA).to_pylist()
+            if self.attrs.get("format_version") != FORMAT_VERSION:  # a format-1 store: older code must not read it
+                self.group.attrs["format_version"] = self.attrs["format_version"] = FORMAT_VERSION
             if cache.base_key is None:  # the first commit writes the compacted file, which names the generation
                 self._write_manifest(pa.Table.from_pylist(stamped, schema=MANIFEST_SCHEMA), cache.generation)
             else:
@@ -486,6 +496,10 @@ class Store:
                 if not (self.path / row["array"] / RECORD).exists():
                     self.write_record({k: v for k, v in row.items() if k != "created"})
             generations = [int(j.name.split(".")[1]) for j in journals if j.name.split(".")[1].isdigit()]
+            try:
+                generations.append(int((pq.read_schema(self.path / MANIFEST).metadata or {}).get(b"generation", b"0")))
+            except Exception:  # missing or unreadable: the journals' numbers decide
+                pass
             self._write_manifest(pa.Table.from_pylist(keep, schema=MANIFEST_SCHEMA), max(generations, default=0) + 1)
             for journal in journals:
                 journal.unlink(missing_ok=True)

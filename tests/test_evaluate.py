@@ -98,6 +98,8 @@ def test_recall_scores_the_tail_after_its_own_or_the_donors_rows(tiny_lm):
     assert "| recall:4 - foreign:recall:4 | 50 |" in markdown_report(rows, per_sample)
     with pytest.raises(UserError, match="at least the chunk size"):
         evaluate(Protocol(tiny_lm), docs, [50], ["recall:4"], tail=8, progress=False)
+    with pytest.raises(UserError, match="recall:1: 5 chunks read as rows and then as tokens do not fit --window 96"):
+        evaluate(Protocol(tiny_lm), docs, [50], ["recall:1"], tail=90, progress=False)
     with pytest.raises(UserError, match="at most the chunk size"):
         evaluate(Protocol(tiny_lm), docs, [50], ["recall:32"], tail=32, progress=False)
 

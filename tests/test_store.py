@@ -98,6 +98,16 @@ def test_commits_append_to_a_journal_that_compacts_geometrically(store, monkeypa
     assert store.commit([manifest_row(3)]) == [] and len(reader) == 20
 
 
+def test_journal_rows_are_the_manifests_rows_and_a_format_1_store_is_read_then_upgraded(store):
+    store.group.attrs["format_version"] = 1  # as a store made before the journal
+    store = Store.open(store.path)
+    store.commit([manifest_row(0)])
+    store.commit([{**manifest_row(1), "n_tokens": np.int64(1), "shape": np.array([1, HIDDEN])}])  # numpy values
+    rows = Store.open(store.path).manifest().to_pylist()
+    assert rows[1]["n_tokens"] == 1 and rows[1]["shape"] == [1, HIDDEN] and rows[0]["created"].tzinfo is not None
+    assert Store.open(store.path).attrs["format_version"] == 2
+
+
 def test_a_torn_journal_line_is_not_committed_and_the_next_commit_cuts_it(store):
     store.commit([manifest_row(0)])
     store.commit([manifest_row(1)])

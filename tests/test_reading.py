@@ -158,3 +158,13 @@ def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):
         TrainConfig(**base, row_mlp=-1)
     with pytest.raises(UserError, match="--target-tokens must be in 1..16"):
         TrainConfig(**{**base, "target_tokens": 17})
+
+
+def test_the_recall_recipe_is_reconstruction_only_and_excludes_the_gpu_sizing(capsys):
+    from jobs.read_recipe import RECALL
+    from jobs.train import build_parser
+
+    args = vars(build_parser().parse_args(RECALL))
+    assert args["reconstruct"] == 1 and args["distill"] == 0 and args["contrast"] == 0 and args["k_curriculum"] == 300
+    assert set(args["exclude"]) >= {"austen_persuasion", "chesterton_thursday", "wells_war_of_the_worlds"}
+    assert read_recipe(["--gpu", "--recall"]) == 2 and "choose one" in capsys.readouterr().err

@@ -246,10 +246,10 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
     if recall and tail < protocol.lm.chunk_size:
         raise UserError(f"{recall[0]} reconstructs the tail's whole chunks: --tail ({tail}) must be at least the "
                         f"chunk size ({protocol.lm.chunk_size})")
-    if any(protocol.k_for(m, 0) > protocol.lm.chunk_size for m in recall):
-        raise UserError(f"{recall[0]}: K must be at most the chunk size ({protocol.lm.chunk_size})")
-    for method in recall:  # the tail's whole chunks as rows, then as tokens, must fit the window
+    for method in recall:  # a chunk keeps at least one row; the tail's chunks as rows, then as tokens, fit the window
         chunks, size, k = tail // protocol.lm.chunk_size, protocol.lm.chunk_size, protocol.k_for(method, 0)
+        if k > size:
+            raise UserError(f"{method}: K must be at most the chunk size ({size})")
         if chunks * (size + -(-size // k)) - 1 > protocol.lm.window:
             raise UserError(f"{method}: {chunks} chunks read as rows and then as tokens do not fit --window "
                             f"{protocol.lm.window}; lower --tail or raise K")

@@ -126,13 +126,15 @@ class _Manifest:
         self.journal_offset, self.journal_rows = 0, []
         self.by_id: dict[str, dict] = {}
         self.hashes: set[str] = set()
-        self.count = 0
 
     def add(self, rows: list[dict]) -> None:
         for row in rows:
             self.by_id.setdefault(row["doc_id"], row)  # the first row of a doc_id is the one served, as before
             self.hashes.add(row["content_hash"])
-        self.count += len(rows)
+
+    @property
+    def count(self) -> int:
+        return len(self.base_rows) + len(self.journal_rows)
 
 
 def sha256_file(path: Path) -> str:
@@ -290,14 +292,10 @@ class Store:
             for _ in range(3):  # a compaction between reading the file and its journal: read again
                 cache = self._cache
                 file = self.path / MANIFEST
-                try:
-                    stat = file.stat()
-                    key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-                except FileNotFoundError:
-                    key = None
-                    if any(self.path.glob("manifest.*.jsonl")):
-                        raise UserError(f"the manifest {file} is missing but its journal is there; "
-                                        f"run: extemb store repair {self.path}")
+                key = self._base_key()
+                if key is None and any(self.path.glob("manifest.*.jsonl")):
+                    raise UserError(f"the manifest {file} is missing but its journal is there; "
+                                    f"run: extemb store repair {self.path}")
                 if key != cache.base_key:
                     cache = _Manifest()
                     if key is not None:
@@ -417,7 +415,7 @@ class Store:
         with self._cache_guard:  # the writer knows what it wrote: no re-read of the whole manifest
             compacted = _Manifest()
             compacted.base_key, compacted.generation, compacted.base_rows = self._base_key(), cache.generation + 1, rows
-            compacted.by_id, compacted.hashes, compacted.count = cache.by_id, cache.hashes, cache.count
+            compacted.by_id, compacted.hashes = cache.by_id, cache.hashes
             self._cache = compacted
 
     def _write_manifest(self, table: pa.Table, generation: int) -> None:

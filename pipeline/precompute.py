@@ -15,11 +15,9 @@ worker ``MAX_ATTEMPTS`` times (counted in ``<store>/.attempts/``) is reported as
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 
 from extensible.plugins import load_extensible
 from extensible.runtime import ExtensibleLM
+from storage.files import open_files
 from storage.store import Store, runtime_fingerprints
 
 from extensible.errors import UserError
@@ -86,19 +85,19 @@ class EmbedDocuments:
         rows = []
         for i in range(len(batch["doc_id"])):
             ref = {key: batch[key][i] for key in batch}
-            attempts = self.store.path / ATTEMPTS / ref["content_hash"][:32]
-            tried = int(attempts.read_text() or 0) if attempts.exists() else 0
+            files, attempts = self.store.files, f"{ATTEMPTS}/{ref['content_hash'][:32]}"
+            tried = int(files.read(attempts) or 0) if files.exists(attempts) else 0
             if tried >= MAX_ATTEMPTS:  # it killed the worker each time: a crash or running out of memory
                 rows.append({"doc_id": ref["doc_id"], "source": ref["source"],
                              "error": f"its worker died {tried} times while embedding it (a crash or out of memory)"})
                 continue
-            attempts.write_text(str(tried + 1))  # left behind only if this process dies
+            files.write(attempts, str(tried + 1).encode())  # left behind only if this process dies
             try:
                 rows.append({**write_document(self.lm, self.store, ref), "error": ""})
             except Exception as err:  # one bad document is reported; the rest of the corpus goes on
                 rows.append({"doc_id": ref["doc_id"], "source": ref["source"],
                              "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
-            attempts.unlink()
+            files.delete(attempts)
         return {"row": [{**row, "node": self.node} for row in rows]}
 
 
@@ -111,40 +110,42 @@ def gpu_batch(lm: ExtensibleLM, budget: float = 0.5) -> int:
     return max(1, min(512, int(free * budget // per_chunk)))
 
 
-def check_shared_store(path: Path) -> None:
-    """Every node must see the store the driver sees: each writes a probe beside one the driver wrote, or the job
-    stops here naming the node, instead of failing document by document."""
+def check_shared_store(store: Store) -> None:
+    """Every node must see the store the driver sees (the same filesystem, or the same bucket with credentials): each
+    writes a probe beside one the driver wrote, or the job stops here naming the node, instead of failing document
+    by document."""
     import uuid
 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex
-    (path / f".probe-{token}").write_text(token)
+    store.files.write(f".probe-{token}", token.encode())
 
     @ray.remote(num_cpus=0, max_retries=0)
-    def probe(folder: str) -> str:
+    def probe(location: str) -> str:
         import socket
 
-        seen = Path(folder, f".probe-{token}")
         try:
-            if not seen.exists() or seen.read_text() != token:
-                return f"cannot see the store the driver writes ({seen} is missing): not the same filesystem"
-            Path(folder, f".probe-{token}-{ray.get_runtime_context().get_node_id()}").write_text(socket.gethostname())
-        except OSError as err:
-            return f"cannot write it ({type(err).__name__}: {err.strerror or err})"
+            files = open_files(location)
+            if not files.exists(f".probe-{token}") or files.read(f".probe-{token}") != token.encode():
+                return (f"cannot see the store the driver writes ({location}/.probe-{token} is missing): not the "
+                        "same filesystem")
+            files.write(f".probe-{token}-{ray.get_runtime_context().get_node_id()}", socket.gethostname().encode())
+        except (OSError, UserError) as err:
+            return f"cannot write it ({type(err).__name__}: {getattr(err, 'strerror', None) or err})"
         return ""
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
     try:
         answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-                           .remote(str(path)) for node in nodes], timeout=120)
+                           .remote(str(store.path)) for node in nodes], timeout=120)
     finally:
-        for probe_file in path.glob(f".probe-{token}*"):
-            probe_file.unlink()
+        for name in [f".probe-{token}"] + [f".probe-{token}-{node['NodeID']}" for node in nodes]:
+            store.files.delete(name)
     for node, problem in zip(nodes, answers):
         if problem:
-            raise UserError(f"STORE {path} must be shared storage that every Ray node can write: node "
+            raise UserError(f"STORE {store.path} must be shared storage that every Ray node can write: node "
                             f"{node['NodeID'][:8]} ({node['NodeManagerAddress']}) {problem}")
 
 
@@ -177,10 +178,6 @@ class Summary:
         return lines
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def precompute(corpus: str | None, store_path: str, model: str | None = None, plugin: str | None = None,
                chunk_size: int | None = None, workers: int = 1, threads: int | None = None, commit_every: int = 64,
                commit_seconds: float = 5.0, progress: bool = True, text_column: str = "text",
@@ -201,7 +198,7 @@ def precompute(corpus: str | None, store_path: str, model: str | None = None, pl
     fingerprints, hidden, size = runtime_fingerprints(lm), lm.hidden_size, lm.chunk_size
     del lm  # the actors hold their own copies
     open_store = lambda: Store.create_or_open(store_path, **fingerprints, hidden=hidden, chunk_size=size)  # noqa: E731
-    store = Store.open(store_path) if (Path(store_path) / "zarr.json").exists() else open_store()
+    store = Store.open(store_path) if open_files(store_path).exists("zarr.json") else open_store()
     with store.lock(wait=wait):  # one writer for the whole write phase: what is stored is read under the lock
         store = open_store()  # under the lock: the fingerprint check (or re-pinning a store with nothing committed)
         return _embed(report, store, model, plugin, chunk_size, workers, threads, commit_every, commit_seconds,
@@ -218,16 +215,15 @@ def _embed(report, store: Store, model, plugin, chunk_size, workers, threads, co
                       problems={kind: list(sources) for kind, sources in report.problems.items()})
     if not todo:
         return summary
-    before = _disk_bytes(store.path)
-    shutil.rmtree(store.path / ATTEMPTS, ignore_errors=True)  # attempts count per job
-    (store.path / ATTEMPTS).mkdir()
+    before = store.files.size()
+    store.files.delete_prefix(ATTEMPTS)  # attempts count per job
     gpus = (1 if torch.cuda.is_available() else 0) if gpus_per_worker is None else gpus_per_worker
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
     if gpus * workers > ray.cluster_resources().get("GPU", 0):  # the actors would wait for GPUs forever
         raise UserError(f"--workers {workers} x --gpus-per-worker {gpus} needs {gpus * workers:g} GPUs; the Ray "
                         f"cluster has {ray.cluster_resources().get('GPU', 0):g}")
-    check_shared_store(store.path)
+    check_shared_store(store)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.wait_for_min_actors_s = 600  # a fixed pool starts with all its actors, on every node, not the first one
@@ -282,5 +278,5 @@ def _embed(report, store: Store, model, plugin, chunk_size, workers, threads, co
     if not failed:
         del summary.problems["failed"]
     summary.seconds = time.perf_counter() - start
-    summary.bytes_written = _disk_bytes(store.path) - before
+    summary.bytes_written = store.files.size() - before
     return summary

@@ -8,19 +8,18 @@ Folder ``<store>/index/<encoder>/``::
     passages.parquet  one row per vector: doc_id, content_hash, chunk, char_start, char_end
     meta.json         encoder, dimension, and the digest of the store's documents it covers
 
-No pickle anywhere. A build writes a temporary folder and renames it into place, so a killed build leaves the old
-index (or none). An index whose digest differs from the store's current documents is stale and is refused.
+No pickle anywhere. A build runs under the store's lock and writes meta.json last, with the size and sha256 of each
+file: a killed build leaves an index that is refused as damaged or stale, never read as current, and a rebuild fixes
+it. An index whose digest differs from the store's current documents is stale and is refused. The files are read and
+written through the store's files (``storage.files``), so an index beside an ``s3://`` store lives in the bucket.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from extensible.errors import UserError
-from storage.store import Store, sha256_file
+from storage.store import Store
 
 from .encoders import ENCODERS, EmbedderMeanEncoder, MiniLMEncoder
 
@@ -54,17 +53,18 @@ def store_digest(store: Store) -> str:
     return hashlib.sha256("\n".join(sorted(store.stored_hashes())).encode()).hexdigest()[:16]
 
 
-def index_path(store: Store, encoder: str) -> Path:
-    return store.path / INDEX_DIR / encoder
+def index_folder(encoder: str) -> str:
+    """The index's folder, relative to the store's root."""
+    return f"{INDEX_DIR}/{encoder}"
 
 
 def index_meta(store: Store, encoder: str) -> dict | None:
     """The index's meta.json, or None when there is no index."""
-    file = index_path(store, encoder) / "meta.json"
-    if not file.exists():
+    data, tag = store.files.read_tagged(f"{index_folder(encoder)}/meta.json")
+    if tag is None:
         return None
     try:
-        meta = json.loads(file.read_text())
+        meta = json.loads(data)
         meta["store_digest"], meta["documents"], meta["passages"]  # noqa: B018 -- the fields every reader needs
         return meta
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -75,13 +75,14 @@ def index_meta(store: Store, encoder: str) -> dict | None:
 def check_indexes(store: Store) -> list[str]:
     """Problems with the passage indexes beside a store: every file readable, sizes agreeing, current."""
     problems = []
-    for encoder in sorted(p.name for p in (store.path / INDEX_DIR).glob("*") if p.is_dir() and p.name in ENCODERS):
+    built = {name.split("/")[1] for name in store.files.list(INDEX_DIR) if name.count("/") == 2}
+    for encoder in sorted(built & set(ENCODERS)):
         try:
             PassageIndex.open(store, encoder)
-            folder, meta = index_path(store, encoder), index_meta(store, encoder)
+            folder, meta = index_folder(encoder), index_meta(store, encoder)
             problems += [f"index/{encoder}/{name}: its bytes are not the ones written; run: extemb index {store.path} "
                          f"--encoder {encoder}" for name, file in meta.get("files", {}).items()
-                         if sha256_file(folder / name) != file["sha256"]]
+                         if hashlib.sha256(store.files.read(f"{folder}/{name}")).hexdigest() != file["sha256"]]
         except UserError as err:
             problems.append(f"index/{encoder}: {err}")
     return problems
@@ -100,8 +101,8 @@ def make_encoder(name: str, lm=None):
     return MiniLMEncoder() if name == "minilm" else EmbedderMeanEncoder(lm)
 
 
-def build_index(store: Store, encoder_name: str = "minilm", encoder=None, progress: bool = True) -> Path:
-    """Encodes every passage of the store and writes the index folder atomically; returns it."""
+def build_index(store: Store, encoder_name: str = "minilm", encoder=None, progress: bool = True) -> str:
+    """Encodes every passage of the store and writes the index, meta.json last; returns where it is."""
     documents = store.documents()
     if not documents:
         raise UserError(f"the store {store.path} is empty; run: make precompute STORE={store.path}")
@@ -109,7 +110,7 @@ def build_index(store: Store, encoder_name: str = "minilm", encoder=None, progre
         return _build(store, documents, encoder_name, encoder or make_encoder(encoder_name), progress)
 
 
-def _build(store: Store, documents: list, encoder_name: str, encoder, progress: bool) -> Path:
+def _build(store: Store, documents: list, encoder_name: str, encoder, progress: bool) -> str:
     rows, vectors = [], []
     for document in tqdm(documents, desc=f"indexing passages ({encoder_name})", unit="doc", disable=not progress):
         offsets = document.row["chunk_char_offsets"]
@@ -126,25 +127,20 @@ def _build(store: Store, documents: list, encoder_name: str, encoder, progress: 
     matrix = np.concatenate(vectors).astype(np.float32)
     index = make_faiss_index(matrix)
 
-    target = index_path(store, encoder_name)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    faiss.write_index(index, str(tmp / "vectors.faiss"))
-    pq.write_table(pa.Table.from_pylist(rows), tmp / "passages.parquet")
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-             for name in ("vectors.faiss", "passages.parquet")}
-    (tmp / "meta.json").write_text(json.dumps({
+    folder = index_folder(encoder_name)
+    store.files.delete(f"{folder}/meta.json")  # from here until the new one is written, there is no index
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    contents = {"vectors.faiss": faiss.serialize_index(index).tobytes(), "passages.parquet": sink.getvalue().to_pybytes()}
+    for name, data in contents.items():
+        store.files.write(f"{folder}/{name}", data)
+    files = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in contents.items()}
+    store.files.write(f"{folder}/meta.json", json.dumps({
         "encoder": encoder_name, "kind": "hnsw" if isinstance(index, faiss.IndexHNSW) else "exact",
         "dimension": int(matrix.shape[1]), "passages": len(rows), "files": files,
         "documents": len(documents), "store_digest": store_digest(store), "created": time.time(),
-    }, indent=2))
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    }, indent=2).encode())
+    return f"{store.path}/{folder}"
 
 
 def chunk_relevance(chunks: list[int], vectors: np.ndarray, query: np.ndarray) -> dict[int, float]:
@@ -173,7 +169,7 @@ class PassageIndex:
 
     @classmethod
     def open(cls, store: Store, encoder_name: str = "minilm") -> PassageIndex:
-        folder = index_path(store, encoder_name)
+        folder = index_folder(encoder_name)
         hint = f"run: extemb index {store.path} --encoder {encoder_name}"
         meta = index_meta(store, encoder_name)
         if meta is None:
@@ -183,15 +179,16 @@ class PassageIndex:
                             f"{meta['documents']} documents, the store now holds {len(store)}); {hint}")
         def read(name: str, reader):
             try:
-                if name in meta.get("files", {}) and (folder / name).stat().st_size != meta["files"][name]["bytes"]:
+                data = store.files.read(f"{folder}/{name}")
+                if name in meta.get("files", {}) and len(data) != meta["files"][name]["bytes"]:
                     raise ValueError("its size differs from the one written")
-                return reader(folder / name)
+                return reader(data)
             except Exception as err:  # faiss raises RuntimeError, pyarrow ArrowInvalid, a missing file OSError
                 raise UserError(f"the {encoder_name} passage index of {store.path} is damaged ({name}: "
                                 f"{str(err).splitlines()[0][:80] or type(err).__name__}); {hint}") from None
 
-        index = read("vectors.faiss", lambda file: faiss.read_index(str(file)))
-        passages = read("passages.parquet", lambda file: pq.read_table(file).to_pylist())
+        index = read("vectors.faiss", lambda data: faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)))
+        passages = read("passages.parquet", lambda data: pq.read_table(pa.BufferReader(data)).to_pylist())
         if isinstance(index, faiss.IndexHNSW):
             index.hnsw.efSearch = GRAPH_SEARCH_DEPTH
         elif hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-gpu: exact search on the GPU

@@ -69,14 +69,8 @@ class StoreRetriever(_UsesLibrary, BaseRetriever):
                                 k: int | None = None) -> list[Document]:
         if k is not None:
             _check_k(k)
-        library = self.get_library()
-        documents = []
-        for source in library.search(query, documents=None, passages=k or self.k):
-            for passage in source.passages:
-                metadata = {key: value for key, value in passage.items() if key != "text"}
-                documents.append(Document(page_content=passage["text"],
-                                          metadata={"doc_id": source.doc_id, "source": source.source, **metadata}))
-        return sorted(documents, key=lambda d: d.metadata["score"], reverse=True)
+        return [Document(page_content=passage["text"], metadata={k: v for k, v in passage.items() if k != "text"})
+                for passage in self.get_library().passages(query, k or self.k)]
 
 
 def sources_from(documents: list[Document]) -> list[Source]:
@@ -92,12 +86,6 @@ def sources_from(documents: list[Document]) -> list[Source]:
         if "chunk" in meta:
             source.passages.append({**meta, "text": document.page_content})
     return sorted(by_doc.values(), key=lambda s: s.score, reverse=True)
-
-
-def _metadata(answer: Answer) -> dict:
-    return {"strategy": answer.strategy, "input_positions": answer.input_positions, "seconds": answer.seconds,
-            "sources": [{"doc_id": s.doc_id, "source": s.source, "score": s.score, "k_min": s.k_min, "k_max": s.k_max,
-                         "chunks_read": s.chunks_read, "chunks_total": s.chunks_total} for s in answer.sources]}
 
 
 def _cut(text: str, stop: list[str] | None) -> str:
@@ -135,7 +123,7 @@ class ChatExtensible(_Answers, BaseChatModel):
         if not questions:
             raise UserError("no human message to answer")
         answer = self.ask(questions[-1].text, documents)
-        message = AIMessage(content=_cut(answer.answer, stop), response_metadata=_metadata(answer))
+        message = AIMessage(content=_cut(answer.answer, stop), response_metadata=answer.metadata())
         return ChatResult(generations=[ChatGeneration(message=message)])
 
 

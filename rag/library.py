@@ -128,6 +128,13 @@ class Answer:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def metadata(self) -> dict:
+        """What the integrations attach to a reply: the strategy, the input length and, per source, the k read."""
+        return {"strategy": self.strategy, "input_positions": self.input_positions, "seconds": self.seconds,
+                "sources": [{"doc_id": s.doc_id, "source": s.source, "score": s.score, "k_min": s.k_min,
+                             "k_max": s.k_max, "chunks_read": s.chunks_read, "chunks_total": s.chunks_total}
+                            for s in self.sources]}
+
 
 @dataclass
 class Query:
@@ -249,6 +256,13 @@ class Library:
         """The ``documents`` best documents (None: all found) by their best passage among the ``passages`` nearest
         to the question."""
         return self._search(self._question_vector(question), documents, passages)
+
+    def passages(self, question: str, top: int = 4) -> list[dict]:
+        """The ``top`` passages nearest to the question, best first: doc_id, source, chunk, char_start, char_end,
+        score and text (what the LangChain and LlamaIndex retrievers return)."""
+        passages = [{"doc_id": source.doc_id, "source": source.source, **passage}
+                    for source in self.search(question, documents=None, passages=top) for passage in source.passages]
+        return sorted(passages, key=lambda passage: passage["score"], reverse=True)
 
     def _question_vector(self, question: str):
         if not question.strip():

@@ -56,6 +56,7 @@ from extensible.errors import ContextTooLongError, UserError
 from extensible.evaluate import bootstrap_interval, document_names, parse_methods
 
 from pipeline.corpus import content_hash
+from storage.files import is_remote
 from storage.store import Store, runtime_fingerprints
 
 from .index import chunk_relevance, make_encoder
@@ -439,7 +440,7 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
     settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate, "max_k": max_k,
                 **runtime_fingerprints(lm)}  # a resumed run reuses only records of this LLM, plug-in and window
     if asks_library:  # the library's documents change what its questions retrieve
-        settings["store"] = str(Path(store).resolve())
+        settings["store"] = str(store) if is_remote(store) else str(Path(store).resolve())
     journal = Path(journal) if journal else None
     done = read_journal(journal, settings)
     log = journal.open("a", encoding="utf-8") if journal else None

@@ -29,18 +29,11 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
-import shutil
-import socket
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-
-import filelock
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +47,7 @@ from extensible.downscale import downscale_chunk, rows_needed
 from extensible.errors import UserError
 from extensible.models import base_fingerprint
 
+from .files import LocalFiles, ObjectFiles, open_files
 from .rows import RowOrder, block_order, prefix_length, prefix_readable
 
 FORMAT_VERSION = 2  # 2: the manifest's journal; a format-1 store (no journal) is read, and becomes 2 at its next commit
@@ -62,7 +56,6 @@ MANIFEST = "manifest.parquet"
 PREVIOUS_MANIFEST = "manifest.prev.parquet"
 JOURNAL_MIN = 256  # rows the journal may hold before a compaction, however small the compacted file
 RECORD = "record.json"
-LOCK = ".lock"
 INNER_ROWS = 128
 COMMIT_WAIT_S = 120  # a commit waits this long for another writer's commit, then names it
 MANIFEST_SCHEMA = pa.schema(
@@ -86,19 +79,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-# One re-entrant lock per store path in this process, held with the file lock: filelock's per-path singleton is shared
-# by the process's threads (re-entrant across them), and flock may be per process on network filesystems, so neither
-# keeps a second thread out.
-_THREAD_LOCKS: dict[str, threading.RLock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
-
-
-def _thread_lock(path: Path) -> threading.RLock:
-    with _THREAD_LOCKS_GUARD:
-        return _THREAD_LOCKS.setdefault(os.path.realpath(path), threading.RLock())
-
-
-def _repair_hint(path: Path) -> str:
+def _repair_hint(path) -> str:
     return f"run: extemb store verify {path} (and extemb store repair {path})"
 
 
@@ -123,7 +104,7 @@ class _Manifest:
 
     def __init__(self):
         self.base_key, self.generation, self.base_rows = None, 0, []
-        self.journal_offset, self.journal_rows = 0, []
+        self.journal_position, self.journal_rows = 0, []
         self.by_id: dict[str, dict] = {}
         self.hashes: set[str] = set()
 
@@ -137,33 +118,21 @@ class _Manifest:
         return len(self.base_rows) + len(self.journal_rows)
 
 
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _write_atomically(target: Path, write) -> None:
-    """``write(tmp_path)`` into a unique temporary file beside ``target``, flushed to disk, then renamed over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 class Store:
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = path
+    """A store of precomputed embeddings in a local folder or under an ``s3://bucket/prefix`` URL (``storage.files``
+    keeps the guarantees in each)."""
+
+    def __init__(self, files: LocalFiles | ObjectFiles, group: zarr.Group):
+        self.files = files
+        self.path = files.location  # a Path for a local store, the URL of an object store
         self.group = group
         self.attrs = dict(group.attrs)
-        # One lock object per store path in this process, so the job's lock and its commits nest (in one thread).
-        self._lock = filelock.FileLock(path / LOCK, is_singleton=True, thread_local=False)
-        self._thread_lock = _thread_lock(path)
         self._cache = _Manifest()
         self._cache_guard = threading.Lock()
 
@@ -174,9 +143,9 @@ class Store:
                        chunk_size: int, block_rows: int = 4096, max_level: int = 32) -> Store:
         """The store for this embedder: created if absent; refused if it was built by another embedder or LLM.
         An empty store (nothing committed yet) is re-pinned to this embedder, so a failed first run does not stick."""
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--store {path} is a file, not a store folder")
+        files = open_files(path)
+        files.check_reachable()
+        path = files.location
         unit = math.lcm(chunk_size, INNER_ROWS)  # a block is whole chunks and whole inner chunks, for any chunk size
         block_rows = -(-block_rows // unit) * unit
         attributes = {
@@ -184,7 +153,7 @@ class Store:
             "llm_fingerprint": llm_fingerprint, "hidden": hidden, "chunk_size": chunk_size,
             "block_rows": block_rows, "max_level": max_level, "row_order": "level-major within blocks",
         }
-        if (path / "zarr.json").exists():
+        if files.exists("zarr.json"):
             store = cls.open(path)
             clash = store.fingerprint_clash({"embedder_fingerprint": embedder_fingerprint,
                                              "llm_fingerprint": llm_fingerprint, "hidden": hidden,
@@ -197,29 +166,33 @@ class Store:
                 raise UserError(f"{path} holds embeddings of another embedder or LLM ({'; '.join(clash)}); "
                                 "use another STORE")
             return store
+        files.prepare()
+        if files.remote:
+            files.check_conditional_writes()  # before anything is written
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            group = zarr.open_group(path, mode="w-", attributes=attributes)
+            group = zarr.open_group(store=files.zarr_store(read_only=False), mode="w-", attributes=attributes)
             group.require_group("docs")
-            (path / "texts").mkdir(exist_ok=True)
         except PermissionError as err:
             raise UserError(f"cannot create the store {path}: {err.strerror} ({err.filename})") from None
-        return cls(path, group)
+        return cls(files, group)
 
     @classmethod
     def open(cls, path: str | Path) -> Store:
-        path = Path(path)
-        if not (path / "zarr.json").exists():
+        files = open_files(path)
+        files.check_reachable()
+        path = files.location
+        if not files.exists("zarr.json"):
             raise UserError(f"no store at {path} (run: make precompute STORE={path})")
         try:
-            group = zarr.open_group(path, mode="r+" if os.access(path, os.W_OK) else "r")
+            writable = files.writable()
+            group = zarr.open_group(store=files.zarr_store(read_only=not writable), mode="r+" if writable else "r")
         except Exception as err:  # a damaged zarr.json
             raise UserError(f"{path}/zarr.json is unreadable ({type(err).__name__}); the store cannot be opened") from None
         version = group.attrs.get("format_version")
         if version not in READABLE_FORMATS:
             raise UserError(f"{path} has store format {version}; this version reads formats "
                             f"{', '.join(map(str, READABLE_FORMATS))}")
-        return cls(path, group)
+        return cls(files, group)
 
     def fingerprint_clash(self, fingerprints: dict[str, str], whose: str) -> list[str]:
         """The fingerprints (as ``runtime_fingerprints`` gives them) that differ from the ones this store records."""
@@ -228,21 +201,17 @@ class Store:
 
     def is_empty(self) -> bool:
         """Nothing committed and no complete document on disk: the store is not yet pinned to an embedder."""
-        return self.count() == 0 and not any((self.path / "docs").glob(f"*/{RECORD}"))
+        return self.count() == 0 and not any(name.endswith(f"/{RECORD}") for name in self.files.list("docs"))
 
     # ---- the writer's lock -------------------------------------------------------------------------------------
 
     def _check_writable(self) -> None:
-        if not os.access(self.path, os.W_OK):
+        if not self.files.writable():
             raise UserError(f"the store {self.path} is read-only; copy it or fix its permissions to write to it")
 
     def holder(self) -> str:
         """Who holds the lock, as its holder wrote it."""
-        try:
-            info = json.loads((self.path / f"{LOCK}.holder").read_text())
-            return f"pid {info['pid']} on {info['host']} since {info['since']} ({info['command']})"
-        except (OSError, ValueError, KeyError):
-            return "another process"
+        return self.files.holder()
 
     def _busy(self) -> UserError:
         return UserError(f"the store {self.path} is being written by {self.holder()}; wait for it to finish "
@@ -256,90 +225,67 @@ class Store:
         self._check_writable()
         timeout = -1 if wait else (timeout or 0)
         start = time.monotonic()
-        if not self._thread_lock.acquire(timeout=timeout):
+        thread_lock = self.files.thread_lock
+        if not thread_lock.acquire(timeout=timeout):
             raise self._busy()
         held = False
         try:
-            first = not self._lock.is_locked  # this thread's outermost hold
-            self._lock.acquire(timeout=-1 if timeout < 0 else max(0.0, timeout - (time.monotonic() - start)))
-            held = True
-        except filelock.Timeout:
-            raise self._busy() from None
-        except PermissionError:
-            raise UserError(f"the store {self.path} is read-only; copy it or fix its permissions to write to it") from None
+            held = self.files.lock_acquire(-1 if timeout < 0 else max(0.0, timeout - (time.monotonic() - start)))
         finally:
             if not held:
-                self._thread_lock.release()
+                thread_lock.release()
+        if not held:
+            raise self._busy()
         try:
-            if first:
-                (self.path / f"{LOCK}.holder").write_text(json.dumps({
-                    "pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200],
-                    "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}))
             yield self
         finally:
-            self._lock.release()
-            self._thread_lock.release()
+            self.files.lock_release()
+            thread_lock.release()
 
     # ---- the manifest ------------------------------------------------------------------------------------------
 
     def _unreadable(self, name: str, err: Exception) -> UserError:
-        return UserError(f"the manifest {self.path / name} is unreadable ({type(err).__name__}); "
+        return UserError(f"the manifest {self.path}/{name} is unreadable ({type(err).__name__}); "
                          f"run: extemb store repair {self.path}")
 
     def _refresh(self) -> _Manifest:
-        """The manifest as it is on disk now, reading only what changed since the last read."""
+        """The manifest as it is now, reading only what changed since the last read."""
         with self._cache_guard:
             for _ in range(3):  # a compaction between reading the file and its journal: read again
                 cache = self._cache
-                file = self.path / MANIFEST
-                key = self._base_key()
-                if key is None and any(self.path.glob("manifest.*.jsonl")):
-                    raise UserError(f"the manifest {file} is missing but its journal is there; "
+                key = self.files.tag(MANIFEST)
+                if key is None and self.files.journal_exists():
+                    raise UserError(f"the manifest {self.path}/{MANIFEST} is missing but its journal is there; "
                                     f"run: extemb store repair {self.path}")
                 if key != cache.base_key:
                     cache = _Manifest()
                     if key is not None:
-                        try:  # one open file: its rows, generation and key are of one generation
-                            with file.open("rb") as handle:
-                                opened = os.fstat(handle.fileno())
-                                key = (opened.st_ino, opened.st_mtime_ns, opened.st_size)
-                                table = pq.read_table(handle, schema=MANIFEST_SCHEMA)
-                                handle.seek(0)
-                                metadata = pq.read_schema(handle).metadata or {}
+                        data, key = self.files.read_tagged(MANIFEST)  # its rows, generation and key: one version
+                        if key is None:
+                            continue
+                        try:
+                            table = pq.read_table(pa.BufferReader(data), schema=MANIFEST_SCHEMA)
+                            metadata = pq.read_schema(pa.BufferReader(data)).metadata or {}
                         except Exception as err:  # truncated or overwritten: the records can rebuild it
                             raise self._unreadable(MANIFEST, err) from None
                         cache.generation = int(metadata.get(b"generation", b"0"))
                         cache.base_rows = table.to_pylist()
                         cache.add(cache.base_rows)
                     cache.base_key = key
-                journal = self.path / journal_name(cache.generation)
+                data, position = self.files.journal_read(cache.generation, cache.journal_position)
+                if not data and key is not None and self.files.tag(MANIFEST) != key:
+                    self._cache = _Manifest()  # compacted while read: its journal may be gone
+                    continue
                 try:
-                    with journal.open("rb") as handle:
-                        handle.seek(cache.journal_offset)
-                        data = handle.read()
-                except FileNotFoundError:
-                    data = b""
-                    if key is not None and self._base_key() != key:
-                        self._cache = _Manifest()
-                        continue
-                complete = data[: data.rfind(b"\n") + 1]  # a torn last line (a killed commit) is not committed
-                try:
-                    rows = [_row_from_json(line) for line in complete.splitlines() if line.strip()]
+                    rows = [_row_from_json(line) for line in data.splitlines() if line.strip()]
                 except (ValueError, KeyError) as err:
-                    raise self._unreadable(journal.name, err) from None
+                    raise self._unreadable(journal_name(cache.generation), err) from None
                 cache.journal_rows += rows
                 cache.add(rows)
-                cache.journal_offset += len(complete)
+                cache.journal_position = position
                 self._cache = cache
                 return cache
             raise UserError(f"the manifest of {self.path} kept changing while it was read; try again")
-
-    def _base_key(self):
-        try:
-            stat = (self.path / MANIFEST).stat()
-            return stat.st_ino, stat.st_mtime_ns, stat.st_size
-        except FileNotFoundError:
-            return None
 
     def manifest(self) -> pa.Table:
         """Every committed row, in commit order."""
@@ -367,76 +313,89 @@ class Store:
         return set(self._refresh().hashes)
 
     def commit(self, rows: list[dict]) -> list[dict]:
-        """Appends manifest rows under the lock, atomically per row; a document already listed is not added twice.
-        Returns the rows that were new."""
+        """Appends manifest rows under the lock, atomically per commit; a document already listed is not added
+        twice. Returns the rows that were new."""
         if not rows:
             return []
         with self.lock(timeout=COMMIT_WAIT_S):
-            cache = self._refresh()
-            new_rows, batch = [], set()
-            for row in rows:
-                if row["content_hash"] not in cache.hashes and row["content_hash"] not in batch:
-                    batch.add(row["content_hash"])
-                    new_rows.append(row)
-            if not new_rows:
-                return []
-            now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-            # through the manifest's schema: the journal holds exactly what the compacted file would
-            stamped = pa.Table.from_pylist([{**row, "created": row.get("created") or now} for row in new_rows],
-                                           schema=MANIFEST_SCHEMA).to_pylist()
-            if self.attrs.get("format_version") != FORMAT_VERSION:  # a format-1 store: older code must not read it
-                self.group.attrs["format_version"] = self.attrs["format_version"] = FORMAT_VERSION
-            if cache.base_key is None:  # the first commit writes the compacted file, which names the generation
-                self._write_manifest(pa.Table.from_pylist(stamped, schema=MANIFEST_SCHEMA), cache.generation)
-            else:
-                self._append_journal(cache, stamped)
-                if len(cache.journal_rows) + len(stamped) >= max(JOURNAL_MIN, len(cache.base_rows)):
-                    self._compact()
-        return new_rows
-
-    def _append_journal(self, cache: _Manifest, rows: list[dict]) -> None:
-        """One write of complete lines, fsync'd: the commit point. A torn tail of a killed commit is cut off first."""
-        journal = self.path / journal_name(cache.generation)
-        with journal.open("ab") as handle:
-            handle.truncate(cache.journal_offset)
-            handle.write("".join(_row_to_json(row) + "\n" for row in rows).encode())
-            handle.flush()
-            os.fsync(handle.fileno())
+            for _ in range(5):  # a lost race (a writer whose lease expired under it): read again, then commit
+                cache = self._refresh()
+                new_rows, batch = [], set()
+                for row in rows:
+                    if row["content_hash"] not in cache.hashes and row["content_hash"] not in batch:
+                        batch.add(row["content_hash"])
+                        new_rows.append(row)
+                if not new_rows:
+                    return []
+                now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+                # through the manifest's schema: the journal holds exactly what the compacted file would
+                stamped = pa.Table.from_pylist([{**row, "created": row.get("created") or now} for row in new_rows],
+                                               schema=MANIFEST_SCHEMA).to_pylist()
+                if self.attrs.get("format_version") != FORMAT_VERSION:  # format 1: older code must not read it
+                    self.group.attrs["format_version"] = self.attrs["format_version"] = FORMAT_VERSION
+                if cache.base_key is None:  # the first commit writes the compacted file, which names the generation
+                    committed = self._write_manifest(pa.Table.from_pylist(stamped, schema=MANIFEST_SCHEMA),
+                                                     cache.generation, None)
+                else:
+                    lines = "".join(_row_to_json(row) + "\n" for row in stamped).encode()
+                    committed = self.files.journal_append(cache.generation, cache.journal_position, lines)
+                if committed:
+                    if len(cache.journal_rows) + len(stamped) >= max(JOURNAL_MIN, len(cache.base_rows)):
+                        self._compact()
+                    return new_rows
+            raise UserError(f"another writer kept committing to {self.path} while this job held its lock; "
+                            f"{_repair_hint(self.path)}")
 
     def _compact(self) -> None:
         """The compacted file and the journal as generation g + 1 (the journal of g stays until the next compaction:
         a reader that read the file of g reads its journal)."""
         cache = self._refresh()
         rows = cache.base_rows + cache.journal_rows
-        self._write_manifest(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), cache.generation + 1)
-        for old in self.path.glob("manifest.*.jsonl"):
-            if old.name not in (journal_name(cache.generation), journal_name(cache.generation + 1)):
-                old.unlink(missing_ok=True)
+        if not self._write_manifest(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), cache.generation + 1,
+                                    cache.base_key):
+            return  # another writer replaced it first: the next read sees theirs
+        for generation in self.files.journal_generations():
+            if generation not in (cache.generation, cache.generation + 1):
+                self.files.journal_delete(generation)
         with self._cache_guard:  # the writer knows what it wrote: no re-read of the whole manifest
             compacted = _Manifest()
-            compacted.base_key, compacted.generation, compacted.base_rows = self._base_key(), cache.generation + 1, rows
+            compacted.base_key = self.files.tag(MANIFEST)
+            compacted.generation, compacted.base_rows = cache.generation + 1, rows
             compacted.by_id, compacted.hashes = cache.by_id, cache.hashes
             self._cache = compacted
 
-    def _write_manifest(self, table: pa.Table, generation: int) -> None:
-        """Keeps the previous generation (manifest.prev.parquet), then renames the new one into place."""
-        file = self.path / MANIFEST
-        if file.exists():
-            _write_atomically(self.path / PREVIOUS_MANIFEST, lambda tmp: shutil.copyfile(file, tmp))
+    def _write_manifest(self, table: pa.Table, generation: int, expected) -> bool:
+        """Replaces the manifest only if it is still the version ``expected`` names (None: only if there is none),
+        keeping the previous generation (manifest.prev.parquet); False when another writer replaced it first."""
+        previous = self.files.read_tagged(MANIFEST)[0] if expected is not None else None
         table = table.replace_schema_metadata({**(MANIFEST_SCHEMA.metadata or {}), b"generation": str(generation)})
-        _write_atomically(file, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-        (self.path / journal_name(generation)).unlink(missing_ok=True)  # a new generation starts with an empty journal
+        if previous is not None:
+            self.files.write(PREVIOUS_MANIFEST, previous)
+        if not self.files.replace(MANIFEST, parquet_bytes(table), expected):
+            return False
+        self.files.journal_delete(generation)  # a new generation starts with an empty journal
+        return True
 
     def write_text(self, content_hash: str, text: str) -> str:
         """Stores a document's text (exactly the UTF-8 bytes that were hashed); returns its path in the store."""
         text_path = f"texts/{content_hash[:32]}.txt"
-        _write_atomically(self.path / text_path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
+        self.files.write(text_path, text.encode("utf-8"))
         return text_path
 
     def write_record(self, row: dict) -> None:
-        """The document is complete: its manifest row beside its array, from which ``repair`` can rebuild."""
-        record = {**row, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        _write_atomically(self.path / row["array"] / RECORD, lambda tmp: tmp.write_text(json.dumps(record)))
+        """The document is complete: its manifest row beside its array, from which ``repair`` can rebuild. Created
+        only if absent; one left by an earlier, uncommitted run of another array is replaced."""
+        name = f"{row['array']}/{RECORD}"
+        record = json.dumps({**row, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        if self.files.create(name, record.encode()):
+            return
+        data, tag = self.files.read_tagged(name)
+        try:
+            same = json.loads(data)["checksum"] == row["checksum"]
+        except (TypeError, ValueError, KeyError):
+            same = False
+        if not same:
+            self.files.replace(name, record.encode(), tag)
 
     # ---- repair ------------------------------------------------------------------------------------------------
 
@@ -446,12 +405,16 @@ class Store:
         (arrays, texts and temporary files no document owns). Returns what it did, one line each."""
         done = []
         with self.lock():
-            current = []
+            current, generations = [], []
             for name in (MANIFEST, PREVIOUS_MANIFEST):
-                if not (self.path / name).exists():
+                data, _ = self.files.read_tagged(name)
+                if data is None:
                     continue
                 try:
-                    rows = pq.read_table(self.path / name, schema=MANIFEST_SCHEMA).to_pylist()
+                    rows = pq.read_table(pa.BufferReader(data), schema=MANIFEST_SCHEMA).to_pylist()
+                    if name == MANIFEST:
+                        metadata = pq.read_schema(pa.BufferReader(data)).metadata or {}
+                        generations.append(int(metadata.get(b"generation", b"0")))
                 except Exception as err:
                     done.append(f"{name} was unreadable ({type(err).__name__}); rebuilt from the records")
                     continue
@@ -462,23 +425,28 @@ class Store:
                     done.append(f"dropped {len(listed) - len(set(listed))} duplicate manifest rows")
             except UserError:
                 pass  # named above
-            journals = sorted(self.path.glob("manifest.*.jsonl"))
-            for journal in journals:  # every generation's complete, readable lines
-                for line in journal.read_bytes().splitlines(keepends=True):
+            journals = self.files.journal_generations()
+            for generation in journals:  # every generation's complete, readable lines
+                lines = self.files.journal_bytes(generation).splitlines(keepends=True)
+                damaged = 0
+                for line in lines:
                     try:
-                        current.append(_row_from_json(line) if line.endswith(b"\n") else None)
+                        if not line.endswith(b"\n"):
+                            raise ValueError("a torn line")
+                        current.append(_row_from_json(line))
                     except (ValueError, KeyError):
-                        current.append(None)
-                if None in current:
-                    done.append(f"ignored {current.count(None)} damaged or torn lines of {journal.name}")
-                    current = [row for row in current if row is not None]
+                        damaged += 1
+                if damaged:
+                    done.append(f"ignored {damaged} damaged or torn lines of {journal_name(generation)}")
             candidates: dict[str, dict] = {}
-            for file in sorted((self.path / "docs").glob(f"*/{RECORD}")):
+            for name in self.files.list("docs"):
+                if not name.endswith(f"/{RECORD}"):
+                    continue
                 try:
-                    row = json.loads(file.read_text())
+                    row = json.loads(self.files.read(name))
                     row["created"] = dt.datetime.fromisoformat(row["created"])
                 except (ValueError, KeyError) as err:
-                    done.append(f"ignored the damaged record {file.relative_to(self.path)} ({type(err).__name__})")
+                    done.append(f"ignored the damaged record {name} ({type(err).__name__})")
                     continue
                 candidates.setdefault(row["content_hash"], row)
             for row in current:  # documents of older stores, written before records existed
@@ -491,16 +459,13 @@ class Store:
                 else:
                     keep.append(row)
             for row in keep:
-                if not (self.path / row["array"] / RECORD).exists():
+                if not self.files.exists(f"{row['array']}/{RECORD}"):
                     self.write_record({k: v for k, v in row.items() if k != "created"})
-            generations = [int(j.name.split(".")[1]) for j in journals if j.name.split(".")[1].isdigit()]
-            try:
-                generations.append(int((pq.read_schema(self.path / MANIFEST).metadata or {}).get(b"generation", b"0")))
-            except Exception:  # missing or unreadable: the journals' numbers decide
-                pass
-            self._write_manifest(pa.Table.from_pylist(keep, schema=MANIFEST_SCHEMA), max(generations, default=0) + 1)
-            for journal in journals:
-                journal.unlink(missing_ok=True)
+            generation = max(journals + generations, default=0) + 1
+            self._write_manifest(pa.Table.from_pylist(keep, schema=MANIFEST_SCHEMA), generation,
+                                 self.files.tag(MANIFEST))
+            for old in journals:
+                self.files.journal_delete(old)
             done += self._remove_orphans(keep)
             done.append(f"manifest rebuilt: {len(keep)} documents")
         return done
@@ -509,17 +474,17 @@ class Store:
         arrays = {row["array"] for row in rows}
         texts = {row["text_path"] for row in rows}
         removed = []
-        for folder in sorted((self.path / "docs").iterdir()):
-            if folder.is_dir() and f"docs/{folder.name}" not in arrays:
-                shutil.rmtree(folder)
-                removed.append(f"docs/{folder.name}")
-        for file in sorted((self.path / "texts").iterdir()):
-            if f"texts/{file.name}" not in texts:
-                file.unlink()
-                removed.append(f"texts/{file.name}")
-        for file in sorted(self.path.glob(".*.tmp")):
-            file.unlink()
-            removed.append(file.name)
+        for folder in sorted({"/".join(name.split("/")[:2]) for name in self.files.list("docs") if name.count("/") > 1}):
+            if folder not in arrays:
+                self.files.delete_prefix(folder)
+                removed.append(folder)
+        for name in self.files.list("texts"):
+            if name not in texts:
+                self.files.delete(name)
+                removed.append(name)
+        for name in self.files.temporaries():
+            self.files.delete(name)
+            removed.append(name)
         return [f"removed {len(removed)} orphans: {', '.join(removed[:10])}" + (" ..." if len(removed) > 10 else "")
                 ] if removed else []
 
@@ -544,11 +509,11 @@ class Store:
 
     def text(self, row: dict) -> str:
         """The document's text, refused unless its bytes are the ones that were hashed and embedded."""
-        file = self.path / row["text_path"]
         try:
-            data = file.read_bytes()
+            data = self.files.read(row["text_path"])
         except OSError as err:
-            raise UserError(f"the text of {row['doc_id']} ({row['text_path']}) cannot be read ({err.strerror}); "
+            raise UserError(f"the text of {row['doc_id']} ({row['text_path']}) cannot be read "
+                            f"({err.strerror or 'missing'}); "
                             f"{_repair_hint(self.path)}") from None
         if hashlib.sha256(data).hexdigest() != row["content_hash"]:
             raise UserError(f"the text of {row['doc_id']} ({row['text_path']}) is not the text that was embedded; "
@@ -567,10 +532,11 @@ class Store:
                 return f"checksum mismatch (array {row['array']} is corrupt)"
         except UserError as err:
             return str(err).split("; run:")[0]
-        text = self.path / row["text_path"]
-        if not text.is_file():
+        try:
+            text = self.files.read(row["text_path"])
+        except OSError:
             return f"text {row['text_path']} is missing"
-        if sha256_file(text) != row["content_hash"]:
+        if hashlib.sha256(text).hexdigest() != row["content_hash"]:
             return f"text {row['text_path']} does not match its content hash (edited or damaged)"
         return None
 
@@ -580,6 +546,9 @@ class Store:
             table = self.manifest()
         except UserError as err:
             return [str(err)]
+        if not table.num_rows and not self.is_empty():
+            return [f"the manifest {self.path}/{MANIFEST} is missing but documents are stored; "
+                    f"run: extemb store repair {self.path}"]
         problems = [f"{row['doc_id']}: {problem}" for row in table.to_pylist()
                     if (problem := self.check_document(row))]
         for column in ("doc_id", "content_hash"):
@@ -590,7 +559,7 @@ class Store:
 
     def info(self) -> dict:
         table = self.manifest()
-        stored = sum(f.stat().st_size for f in (self.path / "docs").rglob("*") if f.is_file())
+        stored = self.files.size("docs")
         tokens = int(pa.compute.sum(table.column("n_tokens")).as_py() or 0)
         return {"path": str(self.path), "documents": table.num_rows, "tokens": tokens, "bytes_on_disk": stored,
                 "bytes_per_token": stored / tokens if tokens else 0.0, "hidden": self.hidden,
@@ -654,9 +623,9 @@ class StoredDocument:
         if self._array is None:
             with self._checked():
                 array = self.store.group[self.row["array"]]
-                folder = self.store.path / self.row["array"]
+                present = set(self.store.files.list(self.row["array"]))
                 missing = [b for b in range(len(self.order.blocks()))
-                           if not (folder / array.metadata.encode_chunk_key((b, 0))).is_file()]
+                           if f"{self.row['array']}/{array.metadata.encode_chunk_key((b, 0))}" not in present]
                 if missing:
                     raise FileNotFoundError(f"shard {missing[0]} of {len(self.order.blocks())} is missing")
                 self._array = array

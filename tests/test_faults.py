@@ -26,6 +26,7 @@ from pipeline.corpus import content_hash, scan_corpus
 from pipeline.precompute import precompute, write_document
 from rag.encoders import EmbedderMeanEncoder
 from rag.index import PassageIndex, build_index, check_indexes
+from storage.files import LocalFiles
 from storage.store import Store
 
 from .test_pipeline import text, tiny8  # noqa: F401 -- tiny8 is a fixture
@@ -77,13 +78,13 @@ def test_two_writers_committing_at_once_lose_nothing(tmp_path):
 def test_two_threads_committing_at_once_lose_nothing(tmp_path, monkeypatch):
     # filelock's per-path singleton is re-entrant across the threads of a process: the store must exclude them itself.
     path = Store.create_or_open(tmp_path / "store", "e", "l", HIDDEN, CHUNK, block_rows=256).path
-    append = Store._append_journal
+    append = LocalFiles.journal_append
 
-    def slow_append(self, cache, rows):  # widens the read-then-write window of a commit: a race would lose rows
+    def slow_append(self, generation, position, data):  # widens a commit's read-then-write window: a race loses rows
         time.sleep(0.05)
-        append(self, cache, rows)
+        return append(self, generation, position, data)
 
-    monkeypatch.setattr(Store, "_append_journal", slow_append)
+    monkeypatch.setattr(LocalFiles, "journal_append", slow_append)
     start = threading.Barrier(2)
 
     def writer(seeds):

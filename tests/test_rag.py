@@ -185,8 +185,8 @@ def test_minilm_index_finds_the_document_on_the_topic(store_path, lm):
 
 
 def test_embedder_mean_index_is_built_from_the_stored_outputs(store_path, lm):
-    folder = build_index(Store.open(store_path), "embedder-mean", progress=False)
-    meta = json.loads((folder / "meta.json").read_text())
+    assert build_index(Store.open(store_path), "embedder-mean", progress=False) == f"{store_path}/index/embedder-mean"
+    meta = json.loads((store_path / "index" / "embedder-mean" / "meta.json").read_text())
     stored = Store.open(store_path)
     assert meta["passages"] == sum(d.num_chunks for d in stored.documents())
     hits = Library(stored, lm=lm, encoder="embedder-mean").search("lava", documents=3)
@@ -199,8 +199,8 @@ def test_a_large_library_gets_a_graph_index_that_finds_what_the_exact_one_finds(
     store = Store.open(store_path)
     exact = PassageIndex.open(store, "minilm")
     monkeypatch.setattr(rag.index, "GRAPH_FROM", 10)  # this store's passages count as a large library
-    folder = build_index(store, "minilm", progress=False)
-    assert json.loads((folder / "meta.json").read_text())["kind"] == "hnsw"
+    build_index(store, "minilm", progress=False)
+    assert json.loads((store_path / "index" / "minilm" / "meta.json").read_text())["kind"] == "hnsw"
     graph = PassageIndex.open(Store.open(store_path), "minilm")
     assert graph.index.ntotal == exact.index.ntotal and graph.index.hnsw.efSearch == rag.index.GRAPH_SEARCH_DEPTH
     vector = Library(store, lm=lm)._question_vector("Where did the lava from the eruption go?")
@@ -314,6 +314,30 @@ def test_langchain_retriever_chat_model_and_llm(store_path, lm):
     assert isinstance(chain.invoke({"question": "What did the bank raise?"}), str)
     text = ExtensibleLLM(library=library, max_new_tokens=6).invoke("What did the bank raise?")
     assert isinstance(text, str) and "bank raise" not in text  # the answer only, never the prompt
+
+
+def test_llamaindex_retriever_and_query_engine_match_the_library(store_path, lm):
+    from rag import llamaindex
+
+    library = Library(store_path, lm=lm)
+    nodes = llamaindex.StoreRetriever(library=library, k=3).retrieve("hot magma and lava")
+    documents = StoreRetriever(library=library, k=3).invoke("hot magma and lava")
+    # the same passages, scores and chunk spans as the LangChain retriever, best first
+    assert [(n.node.get_content(), n.score, n.node.metadata["doc_id"], n.node.metadata["chunk"],
+             n.node.metadata["char_start"], n.node.metadata["char_end"]) for n in nodes] == \
+        [(d.page_content, d.metadata["score"], d.metadata["doc_id"], d.metadata["chunk"], d.metadata["char_start"],
+          d.metadata["char_end"]) for d in documents]
+    assert nodes[0].node.metadata["source"].endswith("volcano.txt")
+    with pytest.raises(UserError, match="k=0"):
+        llamaindex.StoreRetriever(library=library, k=0)
+
+    engine = llamaindex.ExtensibleQueryEngine(library=library, max_new_tokens=6, documents=1)
+    response = engine.query("What flowed down the mountain?")
+    expected = library.answer("What flowed down the mountain?", documents=1, max_new_tokens=6)
+    assert response.response == expected.answer  # Library.answer with the default planner, greedy
+    assert response.metadata["strategy"] == "rag" and response.metadata["sources"][0]["source"].endswith("volcano.txt")
+    assert {n.node.metadata["doc_id"] for n in response.source_nodes} == {expected.sources[0].doc_id}
+    assert [n.node.get_content() for n in response.source_nodes] == [p["text"] for p in expected.sources[0].passages]
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------

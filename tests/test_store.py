@@ -37,7 +37,7 @@ def write_document(store, n_tokens, seed=0, piece=37):
                    "chunk_size": CHUNK, "chunk_char_offsets": [0] * -(-n_tokens // CHUNK) + [len(f"text {seed}")], "dtype": "float16", "shape": [n_tokens, HIDDEN],
                    "array": writer.name, "text_path": f"texts/doc{seed}.txt", "checksum": writer.close(),
                    "embedder_fingerprint": "e", "llm_fingerprint": "l"}])
-    (store.path / "texts" / f"doc{seed}.txt").write_text(f"text {seed}")
+    store.files.write(f"texts/doc{seed}.txt", f"text {seed}".encode())
     return rows
 
 

@@ -18,6 +18,13 @@ assert "anonymous" in answer.lower(), answer  # the lambda topic's words: "used 
 assert reply.response_metadata["sources"][0]["source"].endswith("with.txt"), reply.response_metadata["sources"]
 assert "context manager" in reply.content, reply.content  # what the with topic says it wraps
 """),
+    "llamaindex": ("engine.query", """
+assert response.metadata["sources"][0]["source"].endswith("with.txt"), response.metadata["sources"]
+chat = langchain.ChatExtensible(library=library, documents=2, max_new_tokens=40)
+assert chat.invoke("What does the with statement do?").content == response.response  # one Library.answer path
+assert [n.node.get_content() for n in response.source_nodes][:1] == [p["text"] for p in
+    library.answer("What does the with statement do?", documents=2, max_new_tokens=40).sources[0].passages][:1]
+"""),
 }
 
 

@@ -257,6 +257,9 @@ class LocalFiles:
     def lock_release(self) -> None:
         self._file_lock.release()
 
+    def lease_lost(self) -> str | None:
+        return None  # a flock is held until released or the process dies
+
     def holder(self) -> str:
         try:
             return describe_holder((self.root / f"{LOCK}.holder").read_bytes())

@@ -318,6 +318,9 @@ class Store:
         if not rows:
             return []
         with self.lock(timeout=COMMIT_WAIT_S):
+            lost = self.files.lease_lost()
+            if lost:  # another writer may be committing: this job's rows stay invisible, a rerun commits them
+                raise UserError(f"this job lost its hold on {self.path} ({lost}); rerun it to commit what it wrote")
             for _ in range(5):  # a lost race (a writer whose lease expired under it): read again, then commit
                 cache = self._refresh()
                 new_rows, batch = [], set()

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from tests.s3_server import Server
+
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -259,7 +261,12 @@ def main() -> int:
            # take past Ray's 60 s start-up limit, which fails `ray start`; the test's own limit bounds it instead
            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(int(TIMEOUT))}
     env.pop("RAY_ADDRESS", None)
-    os.environ.update({key: env[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})  # this driver too
+    # An S3 API on loopback (moto's server): the two-node run to s3:// writes one bucket from both nodes, whose Ray
+    # workers find the endpoint and credentials in their environment, as on a cloud cluster.
+    s3 = Server(work)
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": s3.url, "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
+    os.environ.update({key: env[key] for key in env if key.startswith(("RAY_AUTH", "AWS_"))})  # this driver too
     gcs_port, dashboard_port = 46379, 48265
     address = f"{LOOPBACK}:{gcs_port}"
     run_env = {**env, "RAY_ADDRESS": address}
@@ -311,6 +318,17 @@ def main() -> int:
         check(len(per_node) == 2 and sum(per_node.values()) == DOCS, f"not embedded on both nodes: {per_node}")
         check(rows(work / "two") == rows(work / "one"), "the two-node store differs from the one-node store")
         check(Store.open(work / "two").verify() == [], "the two-node store does not verify")
+
+        phase("two-node make precompute to s3://")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="library")
+        bucket, _ = run(["make", "-s", "precompute", f"CORPUS={docs}", "STORE=s3://library/two",
+                         f"PRECOMPUTE_ARGS={' '.join(job)} --workers 2"], run_env, phase.left())
+        per_node = embedded_on(bucket)
+        check(len(per_node) == 2 and sum(per_node.values()) == DOCS, f"not embedded on both nodes: {per_node}")
+        check(rows("s3://library/two") == rows(work / "one"), "the s3:// store differs from the one-node store")
+        check(Store.open("s3://library/two").verify() == [], "the s3:// store does not verify")
 
         phase("ray job submit --working-dir .")
         submitted, submit_s = run(["ray", "job", "submit", "--address", f"http://{LOOPBACK}:{dashboard_port}",
@@ -392,6 +410,7 @@ def main() -> int:
             finally:
                 for node in reversed(nodes):
                     node.stop()
+                s3.stop()
                 left = [p.pid for node in nodes for p in node.processes()]
                 if left:
                     print(f"processes left running: {left}", file=sys.stderr)

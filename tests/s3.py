@@ -14,59 +14,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from tests.cluster import Phases, check, corpus, rows
+from tests.s3_server import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BUCKET = "library"
 LEASE_SECONDS = 8  # a killed job's lease expires this fast here (60 s by default)
 TIMEOUT = float(os.environ.get("S3_TEST_TIMEOUT", 600))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """tests/s3_server.py in its own session; stopped by its PID."""
-
-    def __init__(self, folder: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = folder / f"s3-{self.port}.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([PY, "-m", "tests.s3_server", "--port", str(self.port), *args], cwd=ROOT,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.counts()
-                break
-            except OSError:
-                check(self.proc.poll() is None, f"the S3 server exited:\n{self.log.read_text()[-2000:]}")
-                check(time.monotonic() < deadline, "the S3 server did not start in 60 s")
-                time.sleep(0.2)
-
-    def counts(self, reset: bool = False) -> dict:
-        request = urllib.request.Request(f"{self.url}/_counts", method="DELETE" if reset else "GET")
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return json.loads(answer.read())
-
-    def stop(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
 
 
 def run(cmd: list[str], env: dict, expect: int = 0, timeout: float = 300) -> str:

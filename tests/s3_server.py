@@ -1,5 +1,6 @@
-"""An S3 API on 127.0.0.1 for `make s3-test`: moto's server application, served as `moto_server` serves it, in its own
-process, with a count of the object reads it answers (``GET /_counts``; ``DELETE /_counts`` starts a new count).
+"""An S3 API on 127.0.0.1 for `make s3-test` and `make cluster-test`: moto's server application, served as
+`moto_server` serves it, in its own process, with a count of the object reads it answers (``GET /_counts``;
+``DELETE /_counts`` starts a new count). ``Server`` starts one and stops it by its PID.
 
 ``--no-conditional-writes`` makes it a service that ignores ``If-Match`` and ``If-None-Match``, as some S3-compatible
 services do: the store must refuse it.
@@ -9,12 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
-
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-from werkzeug.serving import make_server
+import time
+import urllib.request
+from pathlib import Path
 
 COUNTS = "/_counts"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Counted:
@@ -52,7 +59,49 @@ class Counted:
         return [body]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """This module's server in its own session, on a free port of 127.0.0.1; stopped by its PID."""
+
+    def __init__(self, folder: Path, *args: str):
+        """Starts a server logging into ``folder``; ``args``: this module's options."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = folder / f"s3-{self.port}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tests.s3_server", "--port", str(self.port), *args],
+                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.counts()
+                break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"the S3 server exited:\n{self.log.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError("the S3 server did not start in 60 s")
+                time.sleep(0.2)
+
+    def counts(self, reset: bool = False) -> dict:
+        request = urllib.request.Request(f"{self.url}/_counts", method="DELETE" if reset else "GET")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def stop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
 def main() -> None:
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--no-conditional-writes", action="store_true")

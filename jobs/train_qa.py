@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import sys
 
-from extensible.errors import UserError
-
 from .train import build_parser, run
 
 

@@ -7,7 +7,8 @@ the traffic there; the checks below assert it. A head and a worker node are star
 processes with one CPU each (an embedder actor takes one CPU, so two actors must land on both nodes), with token
 authentication through RAY_AUTH_TOKEN_PATH, and stopped by the process sessions this script started (never
 `ray stop`). Steps: a one-node run through RAY_ADDRESS, the worker node joins, a two-node run through `make
-precompute` and one through `ray job submit --working-dir .` (both stores must equal the one-node store), a store on
+precompute`, one into an s3:// bucket on moto's S3 server on 127.0.0.1 (both nodes' actors write the bucket) and one
+through `ray job submit --working-dir .` (every store must equal the one-node store), a store on
 a path only the driver can see (refused up front), then the worker node is killed mid-job and a rerun completes the
 store with every document exactly once. Each step's wall time is printed at the end; past CLUSTER_TEST_TIMEOUT
 seconds the test stops, naming the step.

@@ -153,8 +153,10 @@ class LocalFiles:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
     # writes
-    def write(self, name: str, data: bytes) -> None:
-        """The whole file or nothing: a unique temporary file beside it, flushed to disk, renamed over it."""
+    @contextmanager
+    def _complete_temporary(self, name: str, data: bytes):
+        """A unique temporary file beside ``name`` holding ``data``, flushed to disk; removed afterwards unless the
+        caller renamed it into place. Yields (its path, the target's path)."""
         target = self.root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -163,27 +165,24 @@ class LocalFiles:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, target)
+            yield tmp, target
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def write(self, name: str, data: bytes) -> None:
+        """The whole file or nothing: a complete temporary file renamed over it."""
+        with self._complete_temporary(name, data) as (tmp, target):
+            os.replace(tmp, target)
+
     def create(self, name: str, data: bytes) -> bool:
         """Writes the file only if it does not exist (a complete temporary file linked into place); False if it did."""
-        target = self.root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+        with self._complete_temporary(name, data) as (tmp, target):
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+        return True
 
     def replace(self, name: str, data: bytes, tag) -> bool:
         """Writes the file only if it is still the version ``tag`` names (None: absent); the caller holds the lock."""

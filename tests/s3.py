@@ -28,7 +28,8 @@ from tests.s3_server import Server, free_port
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BUCKET = "library"
-LEASE_SECONDS = 8  # a killed job's lease expires this fast here (60 s by default)
+LEASE_SECONDS = 8  # leases renew this fast here (60 s by default)
+VICTIM_LEASE_SECONDS = 60  # the killed job's lease outlives the next job's start-up (10-30 s on a slow CI machine)
 TIMEOUT = float(os.environ.get("S3_TEST_TIMEOUT", 600))
 
 
@@ -122,7 +123,8 @@ def main() -> int:
         from storage.store import Store
 
         victim = subprocess.Popen([*job, "--corpus", str(killed), "--store", store, "--index", "none",
-                                   "--commit-every", "1"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   "--commit-every", "1"], env={**env, "EXTEMB_LEASE_SECONDS": str(VICTIM_LEASE_SECONDS)},
+                                  cwd=ROOT, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 240
         while len(Store.open(store)) < 15:  # at least one of its documents committed
@@ -132,7 +134,9 @@ def main() -> int:
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
         before = len(Store.open(store))
-        print(f"killed with {before - 14} of 10 documents committed; its lease is left behind", flush=True)
+        expires = json.loads(client.get_object(Bucket=BUCKET, Key="books/.lock")["Body"].read())["expires"]
+        print(f"killed with {before - 14} of 10 documents committed; its lease is left behind, "
+              f"{expires - time.time():.0f} s to go", flush=True)
         output = run([*job, "--corpus", str(killed), "--store", store, "--index", "none"], env, expect=2)
         one_line_error(output, "is being written by pid")
         output = run([*job, "--corpus", str(killed), "--store", store, "--index", "minilm", "--wait"], env)

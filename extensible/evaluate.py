@@ -35,6 +35,7 @@ import torch
 from .errors import ContextTooLongError, UserError
 from .layout import smallest_k
 from .runtime import ExtensibleLM, Score
+from .text import MAX_SHARED, SHINGLE, shared_shingles, shingles
 
 SINKS = 4
 BASE_METHODS = ("window", "full", "streaming", "pi", "ntk")
@@ -48,6 +49,7 @@ class Sample:
 
 
 FOREIGN = "foreign:"
+DONOR_DRAWS = 20
 
 
 def parse_methods(text: str, base: tuple[str, ...] = BASE_METHODS, named_ext: tuple[str, ...] = ("adaptive",),
@@ -130,9 +132,14 @@ def donor_span(documents: dict[str, torch.Tensor], sample: Sample, context: int,
                         f"{span - context}) from a document other than {sample.document!r}; the longest other has "
                         f"{longest} tokens: add longer documents to --data or lower --context")
     rng = np.random.default_rng([seed, names.index(sample.document), sample.offset, context])
-    ids = documents[donors[rng.integers(len(donors))]]
-    start = int(rng.integers(len(ids) - span + 1))
-    return ids[start : start + span]
+    own = shingles(sample.ids.tolist())
+    for _ in range(DONOR_DRAWS):  # another document may quote the sample (an anthology, a second edition)
+        ids = documents[donors[rng.integers(len(donors))]]
+        start = int(rng.integers(len(ids) - span + 1))
+        if shared_shingles(own, shingles(ids[start : start + span].tolist())) < MAX_SHARED:
+            return ids[start : start + span]
+    raise UserError(f"no donor span for {sample.document!r} at offset {sample.offset} in {DONOR_DRAWS} draws shares "
+                    f"under {MAX_SHARED:.0%} of its token {SHINGLE}-grams: add other documents to --data")
 
 
 class Protocol:

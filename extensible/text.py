@@ -52,3 +52,18 @@ def chat_tokens(tokenizer, document: str, prompt: str) -> tuple[torch.Tensor, to
     before, after = prompt_parts(tokenizer, prompt)
     body = tokenizer(f"{document.rstrip()}\n\n", add_special_tokens=False)["input_ids"] + after
     return torch.tensor(before, dtype=torch.long), torch.tensor(body, dtype=torch.long)
+
+
+# A foreign control's donor shares under 20% of the token 8-grams of the text it stands in for: a near copy's rows
+# would carry the text's own content.
+SHINGLE, MAX_SHARED = 8, 0.2
+
+
+def shingles(ids: list[int]) -> set[tuple[int, ...]]:
+    return {tuple(ids[i : i + SHINGLE]) for i in range(len(ids) - SHINGLE + 1)}
+
+
+def shared_shingles(a: set, b: set) -> float:
+    """The share of the smaller set of 8-grams that the other holds too (|a & b| / min(|a|, |b|)): a donor lying
+    inside the document -- or the document inside it -- is the same text, whichever is longer."""
+    return len(a & b) / min(len(a), len(b)) if a and b else 0.0

@@ -54,12 +54,12 @@ from tqdm.auto import tqdm
 from extensible.downscale import num_kept
 from extensible.errors import ContextTooLongError, UserError
 from extensible.evaluate import bootstrap_interval, document_names, parse_methods
+from extensible.text import MAX_SHARED, SHINGLE, shared_shingles, shingles
 
 from pipeline.corpus import content_hash
-from storage.files import is_remote
 from storage.store import Store, runtime_fingerprints
 
-from .index import chunk_relevance, make_encoder
+from .index import chunk_relevance, make_encoder, store_digest
 from .library import InMemoryDocument, Library, Prompt, build_query, generate_answer
 from .plan import parse_strategy
 
@@ -69,7 +69,6 @@ FOREIGN = "foreign:"
 LIBRARY = "library:"
 LIBRARY_METHODS = ("library:rag", "library:hybrid")
 HITS = (1, 3)  # hit@k of the question's own document among the documents retrieved from the library
-SHINGLE, MAX_SHARED = 8, 0.2  # a donor shares under 20% of the token 8-grams of the document it stands in for
 
 
 def normalise_answer(text: str) -> list[str]:
@@ -181,16 +180,6 @@ def task_names(files: list[str]) -> list[str]:
     if len({Path(f).resolve() for f in files}) < len(files):
         raise UserError("a file is given twice in --data")
     return document_names([str(f) for f in files])
-
-
-def shingles(ids: list[int]) -> set[tuple[int, ...]]:
-    return {tuple(ids[i : i + SHINGLE]) for i in range(len(ids) - SHINGLE + 1)}
-
-
-def shared_shingles(a: set, b: set) -> float:
-    """The share of the smaller set of 8-grams that the other holds too (|a & b| / min(|a|, |b|)): a donor lying
-    inside the document -- or the document inside it -- is the same text, whichever is longer."""
-    return len(a & b) / min(len(a), len(b)) if a and b else 0.0
 
 
 def choose_donors(tokenizer, texts: list[str], chunk_size: int, documents: list[int], file) -> dict[int, int]:
@@ -412,12 +401,13 @@ def read_journal(path: Path | None, settings: dict) -> dict[tuple, dict]:
     return done
 
 
-def library_for(lm, store, files: list[str]):
-    """The Library over ``store`` that library:M methods ask, refused unless it holds every document of ``files``."""
+def library_for(lm, store, files: dict[str, list[dict]]):
+    """The Library over ``store`` that library:M methods ask, refused unless it holds every document of ``files``
+    (each file's records)."""
     library = Library(Store.open(store), lm=lm)
     stored = library.store.stored_hashes()
-    for file in files:
-        missing = sum(content_hash(r["input"]) not in stored for r in read_leval(file))
+    for file, records in files.items():
+        missing = sum(content_hash(r["input"]) not in stored for r in records)
         if missing:
             raise UserError(f"{missing} documents of {file} are not in the store {store}; run: make precompute "
                             f"CORPUS={file} STORE={store} PRECOMPUTE_ARGS=\"--text-column input\"")
@@ -436,11 +426,14 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
     asks_library = any(m.startswith(LIBRARY) for m in methods)
     if asks_library and store is None:
         raise UserError("library:rag and library:hybrid ask a stored library: give --store STORE")
-    evaluation = QAEvaluation(lm, max_new_tokens, max_k, library_for(lm, store, files) if asks_library else None)
+    records_of = {file: read_leval(file) for file in files}
+    evaluation = QAEvaluation(lm, max_new_tokens, max_k, library_for(lm, store, records_of) if asks_library else None)
     settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate, "max_k": max_k,
                 **runtime_fingerprints(lm)}  # a resumed run reuses only records of this LLM, plug-in and window
-    if asks_library:  # the library's documents change what its questions retrieve
-        settings["store"] = str(store) if is_remote(store) else str(Path(store).resolve())
+    # library:M records hold what the library held (its documents and index, not where it lives): they change what
+    # its questions retrieve
+    library_settings = {**settings, "store": f"{evaluation.library.encoder_name}:"
+                                             f"{store_digest(evaluation.library.store)}"} if asks_library else settings
     journal = Path(journal) if journal else None
     done = read_journal(journal, settings)
     log = journal.open("a", encoding="utf-8") if journal else None
@@ -448,7 +441,7 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
     foreign = any(m.startswith(FOREIGN) for m in methods)
     try:
         for file, task in zip(files, tasks):
-            records = read_leval(file)
+            records = records_of[file]
             chosen = spread_questions([len(r["instructions"]) for r in records], limit)
             donors = choose_donors(lm.tokenizer, [r["input"] for r in records], lm.chunk_size,
                                    sorted({d for d, _ in chosen}), file) if foreign else {}
@@ -456,8 +449,10 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
             for d, j in tqdm(chosen, desc=task, disable=not progress):
                 question, references = records[d]["instructions"][j], records[d]["references"][j]
                 for method in methods:
-                    if (task, d, j, method) in done:
-                        records_out.append(done[(task, d, j, method)])
+                    own_settings = library_settings if method.startswith(LIBRARY) else settings
+                    earlier = done.get((task, d, j, method))
+                    if earlier and all(earlier.get(key) == value for key, value in own_settings.items()):
+                        records_out.append(earlier)
                         continue
                     if d != doc_index:  # questions come sorted by document: one encoding and cache per document
                         # (a donor, often the next document, is made once for both roles)
@@ -467,7 +462,7 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
                         doc, doc_index = made[d], d
                         doc.donor = made[wanted[-1]] if foreign else None
                     record = evaluation.record(method, doc, question, references, generate)
-                    record.update(task=task, document=d, question_index=j, **settings)
+                    record.update(task=task, document=d, question_index=j, **own_settings)
                     if method.startswith(FOREIGN):
                         record["donor"] = donors[d]
                     records_out.append(record)

@@ -32,8 +32,10 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pyarrow as pa
@@ -298,9 +300,10 @@ class Store:
     def __len__(self) -> int:
         return self.count()
 
-    def rows_by_id(self) -> dict[str, dict]:
-        """Every document's manifest row by doc_id, as committed now (read-only: shared with this store's cache)."""
-        return self._refresh().by_id
+    def rows_by_id(self) -> Mapping[str, dict]:
+        """Every document's manifest row by doc_id, as committed now: a read-only view of this store's cache (no copy
+        of a large library's rows per lookup)."""
+        return MappingProxyType(self._refresh().by_id)
 
     def row(self, doc_id: str) -> dict:
         """One document's manifest row (a dict lookup, whatever the library's size)."""

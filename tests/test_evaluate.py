@@ -9,6 +9,7 @@ import torch
 from extensible import UserError
 from extensible.evaluate import (Protocol, bootstrap_interval, document_names, donor_span, draw_samples, evaluate,
                                  markdown_report, parse_methods)
+from extensible.text import shared_shingles, shingles
 from jobs.cli import main
 
 
@@ -63,6 +64,19 @@ def test_donor_spans_come_from_another_document_and_repeat_with_the_seed():
                 donor = donor_span(docs, sample, context, seed)
                 assert len(donor) == len(sample.ids) and torch.equal(donor, donor_span(docs, sample, context, seed))
                 assert owners(docs, donor) and sample.document not in owners(docs, donor)
+
+
+def test_a_donor_span_never_repeats_the_samples_text():
+    gen = torch.Generator().manual_seed(2)
+    own, rest = torch.randint(2, 90, (300,), generator=gen), torch.randint(2, 90, (300,), generator=gen)
+    docs = {"a": own, "b": torch.cat([own, rest])}  # b quotes all of a, then goes on
+    for seed in range(5):
+        for sample in draw_samples({"a": own}, 60, 32, 3, seed):
+            donor = donor_span(docs, sample, 60, seed)
+            assert shared_shingles(shingles(sample.ids.tolist()), shingles(donor.tolist())) < 0.2
+    with pytest.raises(UserError, match="no donor span for 'a' .* shares under 20% of its token 8-grams"):
+        short = own[:100]  # every 92-token span of its copy shares most of a sample's 8-grams
+        donor_span({"a": short, "copy": short.clone()}, draw_samples({"a": short}, 60, 32, 1)[0], 60)
 
 
 def test_foreign_reads_the_donor_rows_and_only_them(tiny_lm):

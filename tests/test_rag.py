@@ -651,6 +651,21 @@ def test_eval_qa_over_the_stored_library_finds_each_questions_document(lm, tiny8
     report = qa_markdown(rows, asked)
     assert "| all | library:rag | 3 | 1.00 | 1.00 |" in report
     other = qa_file(tmp_path, [{"input": document(9, "bank"), "instructions": ["q"], "outputs": ["a"]}], "other.jsonl")
+
+    # A resumed run reuses library records while the library holds the same documents, wherever it lives; one more
+    # document (it may be what a question now retrieves) makes every library record new, the plain ones stay.
+    journal, moved = tmp_path / "asked.jsonl", tmp_path / "moved"
+    methods = ["rag", "library:rag"]
+    evaluate_qa(lm, [data], methods, generate=False, progress=False, store=store, journal=journal)
+    shutil.copytree(store, moved)
+    _, again = evaluate_qa(lm, [data], methods, generate=False, progress=False, store=moved, journal=journal)
+    assert len(journal.read_text().splitlines()) == 6 and again == [json.loads(line) for line in
+                                                                     journal.read_text().splitlines()]
+    precompute(other, str(moved), model=tiny8, chunk_size=16, progress=False, text_column="input")
+    build_index(Store.open(moved), "minilm", progress=False)
+    evaluate_qa(lm, [data], methods, generate=False, progress=False, store=moved, journal=journal)
+    added = [json.loads(line)["method"] for line in journal.read_text().splitlines()[6:]]
+    assert added == ["library:rag"] * 3
     with pytest.raises(UserError, match="1 documents of .*other.jsonl are not in the store .*--text-column input"):
         evaluate_qa(lm, [other], ["library:rag"], progress=False, store=store)
     with pytest.raises(UserError, match="over a stored library: library:rag, library:hybrid"):

@@ -96,6 +96,9 @@ def test_commits_append_to_a_journal_that_compacts_geometrically(store, monkeypa
     assert generations == [0] * 4 + [1] * 5 + [2] * 10 + [3]
     assert [p.name for p in store.path.glob("manifest.*.jsonl")] == ["manifest.2.jsonl"]  # g's stays till g + 2
     assert store.commit([manifest_row(3)]) == [] and len(reader) == 20
+    with pytest.raises(TypeError):  # the cache a reader shares is not the caller's to change
+        reader.rows_by_id()["doc0"] = manifest_row(99)
+    assert reader.row("doc0")["content_hash"] == content_hash(0)
 
 
 def test_journal_rows_are_the_manifests_rows_and_a_format_1_store_is_read_then_upgraded(store):

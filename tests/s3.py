@@ -122,9 +122,9 @@ def main() -> int:
         killed = corpus(work / "killed", 10, 1500, offset=100)
         from storage.store import Store
 
+        victim_env = {**env, "EXTEMB_LEASE_SECONDS": str(VICTIM_LEASE_SECONDS)}
         victim = subprocess.Popen([*job, "--corpus", str(killed), "--store", store, "--index", "none",
-                                   "--commit-every", "1"], env={**env, "EXTEMB_LEASE_SECONDS": str(VICTIM_LEASE_SECONDS)},
-                                  cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   "--commit-every", "1"], env=victim_env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 240
         while len(Store.open(store)) < 15:  # at least one of its documents committed

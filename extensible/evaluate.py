@@ -136,8 +136,9 @@ def donor_span(documents: dict[str, torch.Tensor], sample: Sample, context: int,
     for _ in range(DONOR_DRAWS):  # another document may quote the sample (an anthology, a second edition)
         ids = documents[donors[rng.integers(len(donors))]]
         start = int(rng.integers(len(ids) - span + 1))
-        if shared_shingles(own, shingles(ids[start : start + span].tolist())) < MAX_SHARED:
-            return ids[start : start + span]
+        taken = ids[start : start + span]
+        if shared_shingles(own, shingles(taken.tolist())) < MAX_SHARED:
+            return taken
     raise UserError(f"no donor span for {sample.document!r} at offset {sample.offset} in {DONOR_DRAWS} draws shares "
                     f"under {MAX_SHARED:.0%} of its token {SHINGLE}-grams: add other documents to --data")
 

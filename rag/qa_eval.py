@@ -45,6 +45,7 @@ import re
 import string
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -385,9 +386,10 @@ class QAEvaluation:
         return generate_answer(lm, self.query(method, doc, question)[0], self.max_new_tokens)[0]
 
 
-def read_journal(path: Path | None, settings: dict) -> dict[tuple, dict]:
-    """Records of an earlier run made with the same ``settings``, by (task, document, question, method). (Records of
-    ``foreign``, before foreign:M, are not reused: their donor was the next document, whatever it shared.)"""
+def read_journal(path: Path | None, settings_for: Callable[[str], dict]) -> dict[tuple, dict]:
+    """Records of an earlier run made with the settings ``settings_for`` gives their method, by (task, document,
+    question, method). (Records of ``foreign``, before foreign:M, are not reused: their donor was the next document,
+    whatever it shared.)"""
     if path is None or not path.exists():
         return {}
     done = {}
@@ -396,7 +398,7 @@ def read_journal(path: Path | None, settings: dict) -> dict[tuple, dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if all(record.get(key) == value for key, value in settings.items()):
+        if all(record.get(key) == value for key, value in settings_for(record["method"]).items()):
             done[(record["task"], record["document"], record["question_index"], record["method"])] = record
     return done
 
@@ -434,8 +436,12 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
     # its questions retrieve
     library_settings = {**settings, "store": f"{evaluation.library.encoder_name}:"
                                              f"{store_digest(evaluation.library.store)}"} if asks_library else settings
+
+    def settings_for(method: str) -> dict:
+        return library_settings if method.startswith(LIBRARY) else settings
+
     journal = Path(journal) if journal else None
-    done = read_journal(journal, settings)
+    done = read_journal(journal, settings_for)
     log = journal.open("a", encoding="utf-8") if journal else None
     records_out, tasks, methods = [], task_names(files), [canonical(m) for m in methods]
     foreign = any(m.startswith(FOREIGN) for m in methods)
@@ -449,10 +455,8 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
             for d, j in tqdm(chosen, desc=task, disable=not progress):
                 question, references = records[d]["instructions"][j], records[d]["references"][j]
                 for method in methods:
-                    own_settings = library_settings if method.startswith(LIBRARY) else settings
-                    earlier = done.get((task, d, j, method))
-                    if earlier and all(earlier.get(key) == value for key, value in own_settings.items()):
-                        records_out.append(earlier)
+                    if (task, d, j, method) in done:
+                        records_out.append(done[(task, d, j, method)])
                         continue
                     if d != doc_index:  # questions come sorted by document: one encoding and cache per document
                         # (a donor, often the next document, is made once for both roles)
@@ -462,7 +466,7 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
                         doc, doc_index = made[d], d
                         doc.donor = made[wanted[-1]] if foreign else None
                     record = evaluation.record(method, doc, question, references, generate)
-                    record.update(task=task, document=d, question_index=j, **own_settings)
+                    record.update(task=task, document=d, question_index=j, **settings_for(method))
                     if method.startswith(FOREIGN):
                         record["donor"] = donors[d]
                     records_out.append(record)

@@ -310,16 +310,18 @@ def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window"
             adaptive = method.endswith("ext:adaptive")
             values.append("-" if row is None else f"{row['ppl']:.2f}" + (f" (k={row['k']})" if adaptive else ""))
         lines.append(f"| {method} | " + " | ".join(values) + " |")
-    lines += ["", f"PPL difference against `{baseline}` (negative = better), mean over samples of exp(mean NLL), "
-              "with a 95% paired-bootstrap interval:", "", "| method | context | ppl - baseline | 95% interval |",
-              "|---|---:|---:|---|"]
+    against = []
     for (method, context), nll in per_sample.items():
         base = per_sample.get((baseline, context))
         if method == baseline or base is None:
             continue
         differences = np.exp(nll) - np.exp(base)
         low, high = bootstrap_interval(differences)
-        lines.append(f"| {method} | {context} | {differences.mean():+.3f} | [{low:+.3f}, {high:+.3f}] |")
+        against.append(f"| {method} | {context} | {differences.mean():+.3f} | [{low:+.3f}, {high:+.3f}] |")
+    if against:  # no table when the baseline was not run
+        lines += ["", f"PPL difference against `{baseline}` (negative = better), mean over samples of exp(mean NLL), "
+                  "with a 95% paired-bootstrap interval:", "", "| method | context | ppl - baseline | 95% interval |",
+                  "|---|---:|---:|---|", *against]
     return "\n".join(lines + _content_rows(per_sample)) + "\n"
 
 

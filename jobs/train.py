@@ -62,10 +62,14 @@ def run(args: dict, objectives=None) -> int:
     """Trains with the parsed ``args``; ``objectives(trainer)`` gives the extra objectives (jobs.train_qa)."""
     from extensible.training import TrainConfig, Trainer
 
+    from .report import plot_content_gap
+
     export, max_minutes, stop_at = args.pop("export"), args.pop("max_minutes"), args.pop("stop_at")
     try:
         trainer = Trainer(TrainConfig(**args), objectives=objectives)
         summary = trainer.train(until=stop_at, max_minutes=max_minutes)
+        if trainer.accelerator.is_main_process:
+            plot_content_gap(trainer.out)
         if export:
             trainer.accelerator.unwrap_model(trainer.embedder).save_pretrained(export)
     except UserError as err:

@@ -184,12 +184,13 @@ class LocalFiles:
                 return False
         return True
 
-    def replace(self, name: str, data: bytes, tag) -> bool:
-        """Writes the file only if it is still the version ``tag`` names (None: absent); the caller holds the lock."""
+    def replace(self, name: str, data: bytes, tag) -> tuple | None:
+        """Writes the file only if it is still the version ``tag`` names (None: absent); the caller holds the lock.
+        The new version's tag, None when the file had changed."""
         if self.tag(name) != tag:
-            return False
+            return None
         self.write(name, data)
-        return True
+        return self.tag(name)
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
@@ -408,8 +409,8 @@ class ObjectFiles:
     def create(self, name: str, data: bytes) -> bool:
         return self.put_if(name, data, None) is not None
 
-    def replace(self, name: str, data: bytes, tag) -> bool:
-        return self.put_if(name, data, tag) is not None
+    def replace(self, name: str, data: bytes, tag) -> str | None:
+        return self.put_if(name, data, tag)
 
     def delete(self, name: str) -> None:
         with self._errors():

@@ -341,7 +341,7 @@ class Store:
                     self.group.attrs["format_version"] = self.attrs["format_version"] = FORMAT_VERSION
                 if cache.base_key is None:  # the first commit writes the compacted file, which names the generation
                     committed = self._write_manifest(pa.Table.from_pylist(stamped, schema=MANIFEST_SCHEMA),
-                                                     cache.generation, None)
+                                                     cache.generation, None) is not None
                 else:
                     lines = "".join(_row_to_json(row) + "\n" for row in stamped).encode()
                     committed = self.files.journal_append(cache.generation, cache.journal_position, lines)
@@ -357,30 +357,32 @@ class Store:
         a reader that read the file of g reads its journal)."""
         cache = self._refresh()
         rows = cache.base_rows + cache.journal_rows
-        if not self._write_manifest(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), cache.generation + 1,
-                                    cache.base_key):
+        written = self._write_manifest(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), cache.generation + 1,
+                                       cache.base_key)
+        if written is None:
             return  # another writer replaced it first: the next read sees theirs
         for generation in self.files.journal_generations():
             if generation not in (cache.generation, cache.generation + 1):
                 self.files.journal_delete(generation)
         with self._cache_guard:  # the writer knows what it wrote: no re-read of the whole manifest
             compacted = _Manifest()
-            compacted.base_key = self.files.tag(MANIFEST)
+            compacted.base_key = written
             compacted.generation, compacted.base_rows = cache.generation + 1, rows
             compacted.by_id, compacted.hashes = cache.by_id, cache.hashes
             self._cache = compacted
 
-    def _write_manifest(self, table: pa.Table, generation: int, expected) -> bool:
+    def _write_manifest(self, table: pa.Table, generation: int, expected):
         """Replaces the manifest only if it is still the version ``expected`` names (None: only if there is none),
-        keeping the previous generation (manifest.prev.parquet); False when another writer replaced it first."""
+        keeping the previous generation (manifest.prev.parquet); the new version's tag, None when another writer
+        replaced it first."""
         previous = self.files.read_tagged(MANIFEST)[0] if expected is not None else None
         table = table.replace_schema_metadata({**(MANIFEST_SCHEMA.metadata or {}), b"generation": str(generation)})
         if previous is not None:
             self.files.write(PREVIOUS_MANIFEST, previous)
-        if not self.files.replace(MANIFEST, parquet_bytes(table), expected):
-            return False
-        self.files.journal_delete(generation)  # a new generation starts with an empty journal
-        return True
+        written = self.files.replace(MANIFEST, parquet_bytes(table), expected)
+        if written is not None:
+            self.files.journal_delete(generation)  # a new generation starts with an empty journal
+        return written
 
     def write_text(self, content_hash: str, text: str) -> str:
         """Stores a document's text (exactly the UTF-8 bytes that were hashed); returns its path in the store."""

@@ -52,7 +52,8 @@ def test_a_commit_object_is_created_once_and_the_manifest_replaced_only_if_uncha
     assert files.journal_read(0, 0) == (b'{"a": 1}\n', 1) and files.journal_read(0, 1) == (b"", 1)
     assert files.create("manifest.parquet", b"v1") and not other.create("manifest.parquet", b"v2")
     _, tag = files.read_tagged("manifest.parquet")
-    assert files.replace("manifest.parquet", b"v2", tag) and not other.replace("manifest.parquet", b"v3", tag)
+    assert files.replace("manifest.parquet", b"v2", tag) == files.tag("manifest.parquet")  # the new version's tag
+    assert other.replace("manifest.parquet", b"v3", tag) is None
     assert files.read("manifest.parquet") == b"v2"
 
 

@@ -15,6 +15,7 @@ from extensible.downscale import downscale_chunk
 from extensible.reading import ReadingSample, ReadingWeights, foreign_rows, reading_loss
 from extensible.training import book_reading_samples
 from jobs.read_recipe import main as read_recipe
+from jobs.report import plot_content_gap
 from rag.library import prompt_parts
 from rag.read_train import QAReading
 
@@ -143,6 +144,9 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     a, b = (load_file(tmp_path / run / "checkpoint" / "plugin" / "embedder.safetensors") for run in ("straight", "resumed"))
     assert any(key.startswith("row_mlp.") for key in a)
     assert all(torch.equal(a[key], b[key]) for key in a)
+    gap = plot_content_gap(tmp_path / "resumed")  # the plot run() drew, over both invocations' TensorBoard files
+    assert [step for step, _ in gap["qa_read_own_minus_foreign"]] == [1, 2, 3]
+    assert (tmp_path / "resumed" / "content_gap.png").read_bytes()[:4] == b"\x89PNG"
     recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
     assert recorded["objective"] == "read" and recorded["contrast"] == 1 and recorded["objectives"]["qa_read"]
 

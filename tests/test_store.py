@@ -92,6 +92,8 @@ def test_commits_append_to_a_journal_that_compacts_geometrically(store, monkeypa
         generations.append(int(pq.read_schema(store.path / "manifest.parquet").metadata[b"generation"]))
         assert reader.manifest().column("doc_id").to_pylist() == [f"doc{s}" for s in range(seed + 1)]
         assert reader.row(f"doc{seed}")["content_hash"] == content_hash(seed) and len(reader) == seed + 1
+        if generations[-1] != generations[0] and generations[-1] != generations[-2]:  # it compacted: the writer
+            assert store._cache.base_key == store.files.tag(store_module.MANIFEST)  # keys its cache by what it wrote
     # compactions when the journal holds as many rows as the compacted file (at least 4): after 5, 10 and 20 rows
     assert generations == [0] * 4 + [1] * 5 + [2] * 10 + [3]
     assert [p.name for p in store.path.glob("manifest.*.jsonl")] == ["manifest.2.jsonl"]  # g's stays till g + 2

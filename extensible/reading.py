@@ -12,7 +12,9 @@ through a learned prompt, which the third term cancels:
   evidence raw (what the text itself tells the LLM, token by token);
 * ``contrast``: ``max(0, margin + nll(own rows) - nll(foreign rows))`` per sample, where the foreign rows are the
   next sample's evidence rows (another document) at the same k and positions: a prompt that helps whatever the rows
-  come from helps both readings alike and cancels.
+  come from helps both readings alike and cancels. Its gradient also reaches the foreign reading, and making other
+  documents' rows misleading widens the gap as well as reading the own ones better does (runs/smollm2-read-c128-e);
+  ``contrast_own_only`` takes the foreign NLL as a fixed target so that only the own reading can move.
 
 The metrics are the foreign control of eval-ppl and eval-qa measured on the training stream: ``own_minus_foreign``
 below zero means the rows carry their document.
@@ -42,6 +44,7 @@ class ReadingWeights:
     distill: float = 1.0
     contrast: float = 0.0
     margin: float = 0.1
+    contrast_own_only: bool = False  # the foreign NLL as a fixed target: the hinge cannot push it up
 
 
 def logits_at(llm, inputs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -138,7 +141,8 @@ def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chu
         gap = own_nll - foreign_nll  # what the rows' content adds (negative = it helps)
         metrics["own_minus_foreign"] = gap.mean().item()
         if contrast:
-            loss = loss + weights.contrast * torch.relu(weights.margin + gap).mean()
+            hinge_gap = own_nll - foreign_nll.detach() if weights.contrast_own_only else gap
+            loss = loss + weights.contrast * torch.relu(weights.margin + hinge_gap).mean()
     if weights.distill > 0:
         with torch.no_grad():
             teacher = [[f[0], tokens([t for chunk in s.evidence for t in chunk]), f[1], f[2]]

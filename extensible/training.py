@@ -56,7 +56,7 @@ OBJECTIVES = ("ar", "autoencode", "continuation", "read")
 SHAPE_FIELDS = ("model", "data", "exclude", "num_layers", "lora_rank", "chunk_size", "sample_tokens", "ks",
                 "objective", "downscale", "lr", "warmup", "batch_size", "grad_accum", "seed", "weight_decay",
                 "recent_chunks", "init_from", "row_mlp", "target_tokens", "reconstruct", "ce", "distill", "contrast",
-                "margin", "k_curriculum")
+                "margin", "contrast_own_only", "k_curriculum")
 
 
 @dataclass
@@ -83,6 +83,7 @@ class TrainConfig:
     distill: float = 1.0
     contrast: float = 0.0
     margin: float = 0.1
+    contrast_own_only: bool = False  # the hinge's gradient reaches the own reading only
     lr: float = 1e-4
     warmup: int = 0
     weight_decay: float = 0.0
@@ -367,7 +368,8 @@ class Trainer:
         if config.objective != "read":
             return two_stream_loss(self.llm, self.embedder, ids, ks, config.chunk_size, config.objective,
                                    config.downscale, draws), {}
-        weights = ReadingWeights(config.ce, config.distill, config.contrast, config.margin)
+        weights = ReadingWeights(config.ce, config.distill, config.contrast, config.margin,
+                                 config.contrast_own_only)
         samples = book_reading_samples(ids, config.chunk_size, config.target_tokens, draws)
         return reading_loss(self.llm, self.embedder, samples, ks, config.chunk_size, weights, config.downscale)
 

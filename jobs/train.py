@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--contrast", type=float, default=0.0,
                       help="weight of the hinge asking own rows to beat another sample's rows at the same k")
     read.add_argument("--margin", type=float, default=0.1, help="the hinge's margin, nats per target token")
+    read.add_argument("--contrast-own-only", action="store_true",
+                      help="the hinge moves only the own reading (the foreign one is a fixed target), so it cannot be "
+                           "met by making other documents' rows worse")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)

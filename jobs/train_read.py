@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         from rag.read_train import QAReading
 
         config = trainer.config
-        weights = ReadingWeights(config.ce, config.distill, config.contrast, config.margin)
+        weights = ReadingWeights(config.ce, config.distill, config.contrast, config.margin,
+                                 config.contrast_own_only)
         return [QAReading(options["qa"], trainer.tokenizer, config.chunk_size, config.ks, weights,
                           options["qa_questions"], options["qa_distractors"], options["qa_answer_tokens"],
                           options["qa_weight"], config.downscale,

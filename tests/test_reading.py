@@ -75,6 +75,29 @@ def test_distillation_and_the_hinge_add_their_terms(tiny, embedder):
     assert metrics["own_minus_foreign"] == pytest.approx(plain["own_minus_foreign"], abs=1e-5)
 
 
+def test_the_own_only_hinge_moves_the_own_reading_alone(tiny, embedder):
+    # Equal target lengths, so the next-token loss (mean over tokens) equals the mean of per-sample NLLs; with a
+    # margin no gap reaches, the own-only hinge's gradient is then the next-token loss's, and the plain hinge's is not
+    # (it also pushes the foreign reading up).
+    llm, tokenizer = tiny
+    samples = samples_of(tokenizer, 3)
+    for sample in samples:
+        sample.target = sample.target[:4]
+    trainable = [p for p in embedder.parameters() if p.requires_grad]
+
+    def gradient(weights):
+        embedder.zero_grad()
+        reading_loss(llm, embedder, samples, [4, 4, 4], 16, weights)[0].backward()
+        return torch.cat([p.grad.flatten() for p in trainable])
+
+    next_token = gradient(ReadingWeights(ce=1, distill=0, contrast=0))
+    own_only = gradient(ReadingWeights(ce=0, distill=0, contrast=1, margin=100, contrast_own_only=True))
+    both = gradient(ReadingWeights(ce=0, distill=0, contrast=1, margin=100))
+    assert next_token.norm() > 0
+    assert torch.allclose(own_only, next_token, rtol=1e-3, atol=1e-6 * next_token.abs().max().item())
+    assert (both - next_token).norm() > 0.05 * next_token.norm()
+
+
 def test_foreign_rows_fill_the_own_slots_with_another_documents_rows():
     own = [torch.zeros(16, 3), torch.zeros(11, 3)]
     donor = [torch.arange(48.0).view(16, 3) + 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -82,7 +83,9 @@ class PackedTokens:
             if not parts:
                 raise UserError(f"no usable text in {' '.join(sources)} (empty, binary or non-UTF-8 files)")
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npy")
+            # one temporary file per process: the processes of a distributed run tokenise at once and each moves
+            # its own (identical) stream into place, atomically
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, np.concatenate(parts).astype(np.int32))
             tmp.replace(cache)
             self.tokens = np.load(cache, mmap_mode="r")

@@ -73,8 +73,12 @@ def run(args: dict, objectives=None) -> int:
         summary = trainer.train(until=stop_at, max_minutes=max_minutes)
         if trainer.accelerator.is_main_process:
             plot_content_gap(trainer.out)
-        if export:
-            trainer.accelerator.unwrap_model(trainer.embedder).save_pretrained(export)
+            if export:
+                trainer.accelerator.unwrap_model(trainer.embedder).save_pretrained(export)
+        # a distributed run's process group left to the interpreter's exit can abort it (gloo's threads); the
+        # processes meet first, or one still working (plotting, exporting) would wait forever on a destroyed group
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
     except UserError as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2

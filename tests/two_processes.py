@@ -36,6 +36,8 @@ def main(model: str, books: str, qa: str, out: str, stop_at: str | None = None) 
     rank = trainer.accelerator.process_index
     Path(out, f"rank{rank}.json").write_text(json.dumps({"drawn": drawn, "lr": summary["lr"], "step": summary["step"],
                                                          "processes": trainer.accelerator.num_processes}))
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # as jobs.train does: no process group left to the interpreter's exit
 
 
 if __name__ == "__main__":

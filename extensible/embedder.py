@@ -29,6 +29,7 @@ from .models import base_fingerprint, fingerprint_mismatch, model_name
 CONFIG_NAME = "extensible_config.json"
 WEIGHTS_NAME = "embedder.safetensors"
 SCHEMA_VERSION = 1
+ROW_BASES = ("hidden", "token")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -41,6 +42,9 @@ class EmbedderConfig:
     lora_rank: int | None = None  # None: full fine-tuning of the N layers
     lora_alpha: int | None = None
     row_mlp: int = 0  # width of a residual MLP on every output row (0: none); zero-initialised, so it starts as identity
+    # what the row MLP's output is added to: "hidden" (the last layer's row) or "token" (the LLM's own embedding
+    # of the row's token, so that a fresh plug-in's rows are the kept tokens themselves, which the frozen LLM reads)
+    row_base: str = "hidden"
     base: dict = field(default_factory=dict)  # fingerprint of the base LLM, filled in by from_llm
     base_name: str = ""
     trained_steps: int = 0
@@ -74,8 +78,11 @@ class RowMLP(nn.Module):
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
 
+    def delta(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.gelu(self.up(rows)))
+
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows + self.down(nn.functional.gelu(self.up(rows)))
+        return rows + self.delta(rows)
 
 
 class ExtensibleEmbedder(nn.Module):
@@ -94,6 +101,10 @@ class ExtensibleEmbedder(nn.Module):
         total = llm.config.num_hidden_layers
         if not 1 <= config.num_layers <= total:
             raise UserError(f"the embedder needs 1..{total} layers of this LLM, got {config.num_layers}")
+        if config.row_base not in ROW_BASES:
+            raise UserError(f"row_base must be one of {', '.join(ROW_BASES)}, got {config.row_base!r}")
+        if config.row_base == "token" and not config.row_mlp:
+            raise UserError("row_base 'token' needs a row MLP (--row-mlp > 0): it is what adds the chunk to the token")
         config.base = base_fingerprint(llm, tokenizer)
         config.base_name = model_name(llm)
 
@@ -144,7 +155,11 @@ class ExtensibleEmbedder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, L] token ids of chunks -> [batch, L, hidden] output embeddings (o_j sees tokens 1..j)."""
         rows = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return rows if self.row_mlp is None else self.row_mlp(rows)
+        if self.row_mlp is None:
+            return rows
+        if self.config.row_base == "token":
+            return self.body.get_input_embeddings()(input_ids) + self.row_mlp.delta(rows)
+        return self.row_mlp(rows)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a plug-in holds: the body's trainable ones by their names, the row MLP's under ``row_mlp.``."""

@@ -55,8 +55,8 @@ OBJECTIVES = ("ar", "autoencode", "continuation", "read")
 # A resume must agree on these; the rest (steps, save/eval cadence) may change between runs.
 SHAPE_FIELDS = ("model", "data", "exclude", "num_layers", "lora_rank", "chunk_size", "sample_tokens", "ks",
                 "objective", "downscale", "lr", "warmup", "batch_size", "grad_accum", "seed", "weight_decay",
-                "recent_chunks", "init_from", "row_mlp", "target_tokens", "reconstruct", "ce", "distill", "contrast",
-                "margin", "contrast_own_only", "k_curriculum")
+                "recent_chunks", "init_from", "row_mlp", "row_base", "target_tokens", "reconstruct", "ce", "distill",
+                "contrast", "margin", "contrast_own_only", "k_curriculum")
 
 
 @dataclass
@@ -76,6 +76,7 @@ class TrainConfig:
     init_from: str | None = None  # a plug-in folder whose tensors start a new run (warm start)
     downscale: str = "strided"
     row_mlp: int = 0  # width of the embedder's residual MLP on its output rows (0: none)
+    row_base: str = "hidden"  # what the row MLP adds to: the last layer's row, or the row's token embedding
     # the read objective (extensible.reading)
     target_tokens: int = 128
     reconstruct: float = 0.0
@@ -246,16 +247,18 @@ class Trainer:
         torch.manual_seed(config.seed)  # LoRA's A and the row MLP start random: the same run starts the same
         self.embedder = ExtensibleEmbedder.from_llm(self.llm, self.tokenizer, EmbedderConfig(
             num_layers=config.num_layers, chunk_size=config.chunk_size, train_ks=list(config.ks),
-            downscale=config.downscale, lora_rank=config.lora_rank, row_mlp=config.row_mlp))
+            downscale=config.downscale, lora_rank=config.lora_rank, row_mlp=config.row_mlp, row_base=config.row_base))
         for param in self.embedder.parameters():  # fp32 master weights (bf16 compute under a GPU's autocast)
             if param.requires_grad:
                 param.data = param.data.float()
         self.steps_before = 0  # steps behind a warm start, counted in the plug-in's trained_steps
         if config.init_from:
-            # a plug-in without a row MLP warm-starts one that has it: the new MLP starts as identity
+            # A plug-in without a row MLP warm-starts one that has it: the new MLP starts as identity. So does one
+            # whose MLP adds to another base (its MLP maps to the other base's rows): only its body is kept.
+            source = EmbedderConfig.read(config.init_from)
             self._load_trainable(Path(config.init_from) / WEIGHTS_NAME, f"--init-from {config.init_from}",
-                                 fresh_row_mlp=True)
-            self.steps_before = EmbedderConfig.read(config.init_from).trained_steps
+                                 fresh_row_mlp=True, drop_row_mlp=source.row_base != config.row_base)
+            self.steps_before = source.trained_steps
         self.data = PackedTokens(self.tokenizer, config.data, config.sample_tokens, self.out / "cache",
                                  exclude=tuple(config.exclude), progress=progress)
         trainable = [p for p in self.embedder.parameters() if p.requires_grad]
@@ -331,10 +334,14 @@ class Trainer:
         _set_rng_state(rng[self.accelerator.process_index] if isinstance(rng, list) else rng)
         return True
 
-    def _load_trainable(self, weights: Path, what: str, fresh_row_mlp: bool = False) -> None:
+    def _load_trainable(self, weights: Path, what: str, fresh_row_mlp: bool = False,
+                        drop_row_mlp: bool = False) -> None:
         if not weights.exists():
             raise UserError(f"{what}: {weights} not found")
-        problem = self.accelerator.unwrap_model(self.embedder).load_trainable(load_file(weights), fresh_row_mlp)
+        stored = load_file(weights)
+        if drop_row_mlp:
+            stored = {name: t for name, t in stored.items() if not name.startswith("row_mlp.")}
+        problem = self.accelerator.unwrap_model(self.embedder).load_trainable(stored, fresh_row_mlp)
         if problem:
             raise UserError(f"{what} does not hold this embedder's tensors ({problem}; another LoRA rank, layer count "
                             "or --row-mlp width?)")

@@ -16,10 +16,12 @@ BOOKS, QA = "../shared/data/books", "../shared/data/qa"
 HELD_OUT = ["austen_persuasion", "chesterton_thursday", "wells_war_of_the_worlds"]
 
 # Short samples (one 256-token chunk of evidence, 64 target tokens; a question's gold chunk and one distractor), so
-# that a step is cheap and the only copy of the evidence is its rows.
+# that a step is cheap and the only copy of the evidence is its rows. Rows on the token base: they start as the kept
+# tokens, which the frozen LLM reads (runs/smollm2-read-c128-g: 3x the content gap of the hidden base).
 RECIPE = [
     "--data", BOOKS, "--exclude", *HELD_OUT, "--qa", "out/qa/squad_train.jsonl", f"{QA}/fairytaleqa_train.jsonl",
     "--init-from", "extensible/shipped/smollm2-135m-instruct", "--lora-rank", "32", "--row-mlp", "576",
+    "--row-base", "token",
     "--chunk", "256", "--sample-tokens", "512", "--target-tokens", "64", "--ks", "4", "8", "8", "16", "64",
     "--reconstruct", "0.25", "--distill", "1", "--contrast", "1", "--margin", "0.2", "--lr", "2e-4", "--warmup", "20",
 ]

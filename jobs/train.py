@@ -10,6 +10,7 @@ from extensible.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from extensible.embedder import ROW_BASES
     from extensible.training import OBJECTIVES
 
     p = argparse.ArgumentParser(description=__doc__)
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, help="plug-in folder whose tensors start a new run")
     p.add_argument("--downscale", default="strided", help="strided, terminal, random or mean")
     p.add_argument("--row-mlp", type=int, default=0, help="width of a residual MLP on the embedder's rows (0: none)")
+    p.add_argument("--row-base", choices=ROW_BASES, default="hidden",
+                   help="what the row MLP adds to: the last layer's row, or the row's own token embedding (rows start "
+                        "as the kept tokens, which the frozen LLM reads; needs --row-mlp)")
     read = p.add_argument_group("the read objective (--objective read): evidence only compressed")
     read.add_argument("--target-tokens", type=int, default=128, help="tokens of the last chunk scored")
     read.add_argument("--reconstruct", type=float, default=0.0, help="share of samples whose target is the evidence")

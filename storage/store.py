@@ -752,9 +752,11 @@ def embedder_fingerprint(embedder) -> str:
 
     Tensors are hashed as bf16, so that one plug-in has one fingerprint whether it runs in bf16 (a GPU) or fp32 (a
     CPU) -- a store precomputed on a GPU cluster is read on a CPU -- and as stores made before fp32 on CPUs recorded
-    it. A config without a row MLP hashes as configs did before the row MLP existed."""
+    it. A config without a row MLP, or with one on the hidden rows, hashes as configs did before either option
+    existed, so that stores made then stay readable."""
+    defaults_of_old = {"row_mlp": 0, "row_base": "hidden"}
     config = {k: v for k, v in vars(embedder.config).items()
-              if k != "trained_steps" and not (k == "row_mlp" and not v)}
+              if k != "trained_steps" and not (k in defaults_of_old and v == defaults_of_old[k])}
     sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     tensors = dict(embedder.body.state_dict())
     if embedder.row_mlp is not None:

@@ -172,6 +172,7 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     assert (tmp_path / "resumed" / "content_gap.png").read_bytes()[:4] == b"\x89PNG"
     recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
     assert recorded["objective"] == "read" and recorded["contrast"] == 1 and recorded["objectives"]["qa_read"]
+    assert recorded["row_base"] == "token"  # the recipe's rows start as the kept tokens
 
 
 def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):
@@ -195,3 +196,39 @@ def test_the_recall_recipe_is_reconstruction_only_and_excludes_the_gpu_sizing(ca
     assert args["reconstruct"] == 1 and args["distill"] == 0 and args["contrast"] == 0 and args["k_curriculum"] == 300
     assert set(args["exclude"]) >= {"austen_persuasion", "chesterton_thursday", "wells_war_of_the_worlds"}
     assert read_recipe(["--gpu", "--recall"]) == 2 and "choose one" in capsys.readouterr().err
+
+
+def test_token_based_rows_start_as_the_kept_tokens_themselves(tiny):
+    llm, tokenizer = tiny
+    config = EmbedderConfig(num_layers=2, chunk_size=16, row_mlp=32, row_base="token")
+    embedder = ExtensibleEmbedder.from_llm(llm, tokenizer, config)
+    ids = torch.tensor([tokenizer(words(3, 20), add_special_tokens=False)["input_ids"][:16]])
+    with torch.no_grad():
+        assert torch.equal(embedder(ids), llm.get_input_embeddings()(ids))  # what the frozen LLM reads as text
+        embedder.row_mlp.down.bias.add_(0.1)  # a trained MLP adds what the body computed to each token
+        assert torch.allclose(embedder(ids) - llm.get_input_embeddings()(ids), torch.full((1, 16, 64), 0.1))
+    with pytest.raises(UserError, match="needs a row MLP"):
+        ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, row_base="token"))
+    with pytest.raises(UserError, match="row_base must be one of hidden, token"):
+        ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, row_mlp=8, row_base="tokens"))
+
+
+def test_a_token_based_run_warm_starts_only_the_body_of_a_hidden_based_plugin(tiny, tiny_path, tmp_path):
+    from extensible.training import Trainer, TrainConfig
+
+    llm, tokenizer = tiny
+    hidden = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16, row_mlp=32,
+                                                                        lora_rank=4))
+    with torch.no_grad():
+        for param in (p for p in hidden.parameters() if p.requires_grad):
+            param.add_(0.01)  # as if trained: every tensor moved
+    hidden.save_pretrained(tmp_path / "hidden")
+    (tmp_path / "book.txt").write_text(words(1, 200))
+    trainer = Trainer(TrainConfig(data=[str(tmp_path / "book.txt")], out=str(tmp_path / "out"), model=str(tiny_path),
+                                  num_layers=2, lora_rank=4, chunk_size=16, sample_tokens=32, ks=[2], objective="read",
+                                  target_tokens=8, row_mlp=32, row_base="token", init_from=str(tmp_path / "hidden")),
+                      progress=False)
+    started = trainer.accelerator.unwrap_model(trainer.embedder).trainable_state_dict()
+    stored = hidden.trainable_state_dict()
+    assert all(torch.equal(started[name], stored[name]) for name in stored if not name.startswith("row_mlp."))
+    assert not started["row_mlp.down.weight"].any()  # the other base's MLP is not carried over: rows start as tokens

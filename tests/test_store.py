@@ -151,7 +151,7 @@ def test_another_embedder_never_writes_into_a_store(store):
         Store.open(store.path / "missing")
 
 
-def test_the_embedder_fingerprint_holds_across_precisions_and_covers_the_row_mlp(tiny):
+def test_the_embedder_fingerprint_holds_across_precisions_and_covers_the_row_mlp_and_its_base(tiny):
     import copy
 
     from extensible import EmbedderConfig, ExtensibleEmbedder
@@ -164,6 +164,12 @@ def test_the_embedder_fingerprint_holds_across_precisions_and_covers_the_row_mlp
     with_mlp = ExtensibleEmbedder.from_llm(llm, tokenizer, EmbedderConfig(num_layers=2, chunk_size=16, row_mlp=8))
     before = embedder_fingerprint(with_mlp)
     assert before != embedder_fingerprint(plain)
+    made_before_row_bases = copy.deepcopy(with_mlp)
+    del made_before_row_bases.config.row_base  # a config object as it was before the option existed
+    assert embedder_fingerprint(made_before_row_bases) == before  # stores made then stay readable
+    on_tokens = copy.deepcopy(with_mlp)
+    on_tokens.config.row_base = "token"  # the same tensors, other rows
+    assert embedder_fingerprint(on_tokens) != before
     with torch.no_grad():
         with_mlp.row_mlp.down.weight.add_(0.5)  # the same body, other row-MLP weights: other outputs
     assert embedder_fingerprint(with_mlp) != before

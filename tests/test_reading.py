@@ -171,7 +171,8 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     assert [step for step, _ in gap["qa_read_own_minus_foreign"]] == [1, 2, 3]
     assert (tmp_path / "resumed" / "content_gap.png").read_bytes()[:4] == b"\x89PNG"
     recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
-    assert recorded["objective"] == "read" and recorded["contrast"] == 1 and recorded["objectives"]["qa_read"]
+    assert recorded["objective"] == "read" and recorded["objectives"]["qa_read"]
+    assert recorded["contrast"] == 2 and recorded["margin"] == 0.5
     assert recorded["row_base"] == "token"  # the recipe's rows start as the kept tokens
 
 

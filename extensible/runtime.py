@@ -85,6 +85,12 @@ class ExtensibleLM:
         return self.embedder.config.chunk_size
 
     @property
+    def max_k(self) -> int:
+        """The coarsest k the plug-in was trained at (at most a chunk's length), the planner's default: a coarser k
+        gives the LLM rows it never learned to read."""
+        return min(max(self.embedder.config.train_ks), self.chunk_size)
+
+    @property
     def device(self) -> torch.device:
         return self.llm.device
 

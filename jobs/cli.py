@@ -199,8 +199,8 @@ def cmd_eval_qa(args) -> None:
         print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} and the questions beside them")
 
 
-MAX_K_HELP = ("the planner's coarsest k (default 64): hybrid reads the chunks left beside the raw passages at this k, "
-              "the most relevant first while they fit")
+MAX_K_HELP = ("the planner's coarsest k (default: the coarsest the plug-in was trained at, 64 for the shipped one): "
+              "hybrid reads the chunks left beside the raw passages at this k, the most relevant first while they fit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)
-    ask.add_argument("--max-k", type=_positive, default=64, help=MAX_K_HELP)
+    ask.add_argument("--max-k", type=_positive, help=MAX_K_HELP)
     ask.add_argument("--model", help="HF causal LM the store was built with (default: the embedded SmolLM2)")
     ask.add_argument("--plugin", help="plug-in the store was built with (default: the shipped one)")
     ask.add_argument("--json", action="store_true")
@@ -285,13 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="questions per file, spread over its documents and over each document's questions")
     qa.add_argument("--max-new-tokens", type=_positive, default=64, help="answer length (and the reference tokens scored)")
     qa.add_argument("--no-generate", action="store_true", help="answer NLL only: no generation, no F1/EM/ROUGE-L")
-    qa.add_argument("--max-k", type=_positive, default=64, help=MAX_K_HELP)
+    qa.add_argument("--max-k", type=_positive, help=MAX_K_HELP)
     qa.add_argument("--store", help="a store holding every document of --data (precomputed with --text-column input): "
                     "library:rag and library:hybrid ask each question of the whole library, retrieval included")
     qa.add_argument("--json", help="write the rows here (a .md table, a .png plot and every question beside it, "
                     "the questions as they are answered)")
     qa.add_argument("--resume", action="store_true", help="reuse the answered questions that --json's .questions.jsonl "
-                    "holds from a run with the same settings (a killed run goes on where it stopped)")
+                    "holds from a run with the same settings (a killed run goes on where it stopped; window, full and "
+                    "rag records serve any plug-in, rag's of the same chunk size)")
     _model_args(qa)
     qa.set_defaults(func=cmd_eval_qa)
     return parser

@@ -157,20 +157,22 @@ class Query:
 
 
 def build_query(lm, question: str, documents: list, relevance: list[dict[int, float]], names: list[str] | None,
-                token_ids: list, strategy: str = DEFAULT_STRATEGY, answer_tokens: int = 96, max_k: int = 64,
+                token_ids: list, strategy: str = DEFAULT_STRATEGY, answer_tokens: int = 96, max_k: int | None = None,
                 min_k: int = 1) -> Query:
     """The library's one query path: plan which chunks are read at which k, read those rows, compose the input.
 
     ``documents`` are StoredDocument or InMemoryDocument, ``token_ids`` their tokens (a chunk planned at k=1 is read
     as its plain tokens, which the LLM reads natively), ``relevance`` per document chunk -> retrieval score, ``names``
-    head each document (None: no headers). ``answer_tokens`` positions are left free for the answer."""
+    head each document (None: no headers). ``answer_tokens`` positions are left free for the answer. ``max_k`` (the
+    planner's coarsest k) defaults to the coarsest k the plug-in was trained at (``ExtensibleLM.max_k``)."""
     read_k = parse_strategy(strategy)[1]
     if read_k and read_k > lm.chunk_size:
         raise UserError(f"{strategy}: K must be at most the chunk size ({lm.chunk_size}): a chunk keeps at least one row")
     prompt = Prompt(lm, question, names, len(documents), answer_tokens)
     units = [Unit(d, c, doc.chunk_length(c), relevance[d].get(c, float("-inf")))
              for d, doc in enumerate(documents) for c in range(doc.num_chunks)]
-    chosen = plan(units, len(documents), prompt.budget, strategy, max_k=min(max_k, lm.chunk_size), min_k=min_k)
+    chosen = plan(units, len(documents), prompt.budget, strategy, max_k=min(max_k or lm.max_k, lm.chunk_size),
+                  min_k=min_k)
     bodies = []
     for d, doc in enumerate(documents):
         ks, size = chosen.ks[d], doc.chunk_size
@@ -283,7 +285,7 @@ class Library:
         return sorted(by_doc.values(), key=lambda s: s.score, reverse=True)[:documents]
 
     def answer(self, question: str, documents: int = 2, strategy: str = DEFAULT_STRATEGY, max_new_tokens: int = 96,
-               sources: list[Source] | None = None, max_k: int = 64, **generate_kwargs) -> Answer:
+               sources: list[Source] | None = None, max_k: int | None = None, **generate_kwargs) -> Answer:
         """Answers from the retrieved documents (or ``sources`` when given) as the planner reads them: by default
         (``rag``, see ``plan.DEFAULT_STRATEGY``) the passages nearest to the question as plain tokens; ``hybrid`` adds
         the rest of the documents compressed."""
@@ -293,7 +295,7 @@ class Library:
         return Answer(question, text, sources, strategy, query.positions, new, time.perf_counter() - start)
 
     def prepare(self, question: str, documents: int = 2, strategy: str = DEFAULT_STRATEGY, answer_tokens: int = 96,
-                sources: list[Source] | None = None, max_k: int = 64) -> tuple[Query, list[Source]]:
+                sources: list[Source] | None = None, max_k: int | None = None) -> tuple[Query, list[Source]]:
         """Everything of ``answer`` before the LLM's forward: retrieval, the plan, the stored rows read and the
         composed input; ``sources`` come back describing what the query reads of each."""
         vector = self._question_vector(question)  # once, for the search and for each chunk's relevance

@@ -32,7 +32,8 @@ teacher-forced right after the method's input -- the input generation uses; toke
 normalisation) and ROUGE-L (rouge-score) of the greedy answer, each the maximum over the references. With
 ``generate=False`` only ``answer_nll`` is computed. A question whose prompt does not fit the window is skipped and
 counted (``skipped`` in its row). The report gives each method minus ``rag``, ``window`` and ``full``, each M minus
-``foreign:M``, and, with ``window``, ``rag``, ``rag:K`` and ``foreign:rag:K``, the content recovered
+``foreign:M`` (for ``hybrid`` and ``ext:graded``/``ext:adaptive`` both also split by where rag's input held the answer),
+and, with ``window``, ``rag``, ``rag:K`` and ``foreign:rag:K``, the content recovered
 ``(foreign:rag:K - rag:K) / (window - rag)``; every ``all`` row pools the questions of all files (each weighs the same).
 A task is named by its file's stem, or by as much of its path as tells two same-stem files apart.
 """
@@ -40,6 +41,7 @@ A task is named by its file's stem, or by as much of its path as tells two same-
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import string
@@ -68,6 +70,7 @@ ARTICLES = re.compile(r"\b(a|an|the)\b")
 PLANNED = {"rag": "rag", "hybrid": "hybrid", "ext:adaptive": "adaptive", "ext:graded": "graded"}
 FOREIGN = "foreign:"
 LIBRARY = "library:"
+READS_NO_ROWS = ("window", "full", "rag")
 LIBRARY_METHODS = ("library:rag", "library:hybrid")
 HITS = (1, 3)  # hit@k of the question's own document among the documents retrieved from the library
 
@@ -283,8 +286,8 @@ class ForeignRows:
 
 
 class QAEvaluation:
-    def __init__(self, lm, max_new_tokens: int = 64, max_k: int = 64, library=None):
-        self.lm, self.max_new_tokens, self.max_k, self.library = lm, max_new_tokens, max_k, library
+    def __init__(self, lm, max_new_tokens: int = 64, max_k: int | None = None, library=None):
+        self.lm, self.max_new_tokens, self.max_k, self.library = lm, max_new_tokens, max_k or lm.max_k, library
         self.encoder = make_encoder("minilm")  # the library's default retriever
 
     def query(self, method: str, doc: EvalDocument, question: str):
@@ -386,10 +389,18 @@ class QAEvaluation:
         return generate_answer(lm, self.query(method, doc, question)[0], self.max_new_tokens)[0]
 
 
-def read_journal(path: Path | None, settings_for: Callable[[str], dict]) -> dict[tuple, dict]:
-    """Records of an earlier run made with the settings ``settings_for`` gives their method, by (task, document,
-    question, method). (Records of ``foreign``, before foreign:M, are not reused: their donor was the next document,
-    whatever it shared.)"""
+def llm_weights(llm) -> str:
+    """A digest of the LLM's token embeddings and output head: ``llm_fingerprint`` (config and vocabulary) is shared
+    by fine-tuned derivatives, and records that read no rows are keyed on the LLM alone."""
+    sha = hashlib.sha256()
+    for weight in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
+        sha.update(weight.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
+def read_journal(path: Path | None, reusable: Callable[[dict], bool]) -> dict[tuple, dict]:
+    """Records of an earlier run that ``reusable`` accepts, by (task, document, question, method). (Records of
+    ``foreign``, before foreign:M, are not reused: their donor was the next document, whatever it shared.)"""
     if path is None or not path.exists():
         return {}
     done = {}
@@ -398,7 +409,7 @@ def read_journal(path: Path | None, settings_for: Callable[[str], dict]) -> dict
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if all(record.get(key) == value for key, value in settings_for(record["method"]).items()):
+        if reusable(record):
             done[(record["task"], record["document"], record["question_index"], record["method"])] = record
     return done
 
@@ -419,29 +430,45 @@ def library_for(lm, store, files: dict[str, list[dict]]):
 
 def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = None, max_new_tokens: int = 64,
                 generate: bool = True, progress: bool = True, journal: str | Path | None = None,
-                max_k: int = 64, store: str | Path | None = None) -> tuple[list[dict], list[dict]]:
+                max_k: int | None = None, store: str | Path | None = None) -> tuple[list[dict], list[dict]]:
     """Rows {method, task, n, f1, em, rougeL, answer_nll, seconds, skipped} per file and method (plus a ``task: all``
     row per method: the mean over all questions), and one record per question and method.
 
     With ``journal``, every record is appended to that .jsonl file as soon as it is made, and the records it already
-    holds from a run with the same settings are reused: a killed evaluation resumes where it stopped."""
+    holds from a run with the same settings are reused: a killed evaluation resumes where it stopped (``window``,
+    ``full`` and ``rag`` records depend on the LLM, and rag's on the chunk size, not on the plug-in or ``max_k``)."""
     asks_library = any(m.startswith(LIBRARY) for m in methods)
     if asks_library and store is None:
         raise UserError("library:rag and library:hybrid ask a stored library: give --store STORE")
     records_of = {file: read_leval(file) for file in files}
     evaluation = QAEvaluation(lm, max_new_tokens, max_k, library_for(lm, store, records_of) if asks_library else None)
-    settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate, "max_k": max_k,
+    settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate, "max_k": evaluation.max_k,
                 **runtime_fingerprints(lm)}  # a resumed run reuses only records of this LLM, plug-in and window
     # library:M records hold what the library held (its documents and index, not where it lives): they change what
     # its questions retrieve
     library_settings = {**settings, "store": f"{evaluation.library.encoder_name}:"
                                              f"{store_digest(evaluation.library.store)}"} if asks_library else settings
 
+    # window, full and rag read no rows: their records hold for any plug-in (rag's for any that cuts the same
+    # chunks), so a journal resumed under another plug-in reuses them
+    raw_settings = {key: settings[key] for key in ("window", "max_new_tokens", "generate", "llm_fingerprint")}
+    raw_settings["llm_weights"] = llm_weights(lm.llm)
+
     def settings_for(method: str) -> dict:
-        return library_settings if method.startswith(LIBRARY) else settings
+        if method.startswith(LIBRARY):
+            return library_settings
+        if method == "rag":
+            return {**raw_settings, "chunk_size": lm.chunk_size}
+        return raw_settings if method in READS_NO_ROWS else settings
+
+    def reusable(record: dict) -> bool:
+        # a window, full or rag record of a journal from before was keyed on its plug-in, as every record then
+        wanted = settings if record["method"] in READS_NO_ROWS and "llm_weights" not in record else \
+            settings_for(record["method"])
+        return all(record.get(key) == value for key, value in wanted.items())
 
     journal = Path(journal) if journal else None
-    done = read_journal(journal, settings_for)
+    done = read_journal(journal, reusable)
     log = journal.open("a", encoding="utf-8") if journal else None
     records_out, tasks, methods = [], task_names(files), [canonical(m) for m in methods]
     foreign = any(m.startswith(FOREIGN) for m in methods)
@@ -513,11 +540,12 @@ def paired_differences(records: list[dict], method: str, anchor: str, metric: st
                        where: str | None = None) -> dict[str, tuple]:
     """Per task and over all tasks (``all``: every question pooled, each weighing the same, and resampled pooled):
     (n, mean of method - anchor, 95% low, high) on the questions both answered (with ``where``, only those whose
-    anchor input held the answer so)."""
+    ``rag`` input held the answer so)."""
     by_task: dict[str, list[float]] = defaultdict(list)
     values = {(r["task"], r["document"], r["question_index"], r["method"]): r[metric] for r in records if metric in r}
+    selector = anchor if where is None else "rag"
     kept = {(r["task"], r["document"], r["question_index"]) for r in records
-            if r["method"] == anchor and (where is None or r.get("answer_read") == where)}
+            if r["method"] == selector and (where is None or r.get("answer_read") == where)}
     for (task, d, j, m), value in values.items():
         if m == method and (task, d, j, anchor) in values and (task, d, j) in kept:
             by_task[task].append(value - values[(task, d, j, anchor)])
@@ -606,12 +634,18 @@ def qa_markdown(rows: list[dict], records: list[dict]) -> str:
         lines += [f"| {r['task']} | {r['method']} | {r['n']} | {r['hit@1']:.2f} | {r['hit@3']:.2f} "
                   f"| {r['answer_nll']:.3f} |" for r in sorted(asked, key=lambda r: _task_order(r["task"]))]
     places = sorted({r["answer_read"] for r in records if r["method"] == "rag" and "answer_read" in r})
-    if "hybrid" in methods and places:  # does the compressed context help where rag's passages miss the answer?
-        lines += ["", "`hybrid` minus `rag` by where `rag`'s input held the answer (a chunk holding a reference verbatim "
-                  "read raw, or left out -- then `hybrid` reads it compressed if it fits):", "",
-                  "| rag held the answer | task | n | difference | 95% interval |", "|---|---|---:|---:|---|"]
-        for place in places:
-            lines += _difference_rows(place, paired_differences(records, "hybrid", "rag", where=place))
+    planned = [m for m in methods if strategy_of(m) in ("hybrid", "graded", "adaptive") and not m.startswith(FOREIGN)]
+    if planned and places:  # does the compressed context help where rag's passages miss the answer -- by its content?
+        lines += ["", "Each planned method that reads compressed chunks, minus `rag` and minus its `foreign:` "
+                  "control, by where `rag`'s input held the answer (a chunk holding a reference verbatim read raw, "
+                  "left out -- then only the method's compressed rows can hold it -- or no reference verbatim in the "
+                  "text):", "", "| difference | rag held the answer | task | n | mean | 95% interval |",
+                  "|---|---|---|---:|---:|---|"]
+        for method in planned:
+            for anchor in ("rag", FOREIGN + method):
+                if anchor in methods:
+                    lines += [row for place in places for row in _difference_rows(
+                        f"{method} - {anchor} | {place}", paired_differences(records, method, anchor, where=place))]
     return "\n".join(lines) + "\n"
 
 

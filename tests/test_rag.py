@@ -3,6 +3,7 @@ rows, the passage index (and its staleness), answers, LangChain, the CLI, and th
 
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -466,7 +467,8 @@ def test_eval_qa_max_k_sets_the_k_hybrid_reads_the_rest_at_and_is_recorded(lm, t
         _, records = evaluate_qa(lm, [data], ["rag", "hybrid"], max_new_tokens=4, generate=False, progress=False,
                                  **({"max_k": max_k} if max_k else {}))
         reads[max_k] = {r["method"]: r["chunk_ks"] for r in records}
-        assert all(r["max_k"] == (max_k or 64) for r in records)  # a resumed run reuses only its own max_k
+        # a resumed run reuses only its own max_k; the default is the coarsest k the plug-in trained at
+        assert all(r["max_k"] == (max_k or lm.max_k) == (max_k or 16) for r in records if r["method"] == "hybrid")
     coarse, fine = reads[None]["hybrid"], reads[2]["hybrid"]
     assert {c for c, k in fine.items() if k == 1} == {c for c, k in coarse.items() if k == 1} == set(reads[2]["rag"])
     assert {k for k in fine.values() if k > 1} == {2} and max(coarse.values()) > 2
@@ -475,6 +477,32 @@ def test_eval_qa_max_k_sets_the_k_hybrid_reads_the_rest_at_and_is_recorded(lm, t
                  "--max-new-tokens", "4", "--max-k", "4", "--no-generate", "--json", str(tmp_path / "qa.json")])
     recorded = json.loads((tmp_path / "qa.questions.jsonl").read_text().splitlines()[0])
     assert code == 0 and {k for k in recorded["chunk_ks"].values() if k > 1} == {4} and recorded["max_k"] == 4
+
+
+def test_the_plugins_trained_ks_set_max_k_and_a_new_plugin_reuses_only_the_records_that_read_no_rows(lm, tmp_path):
+    long = {"input": document(1, "bank") + document(2, "volcano"), "instructions": ["What flowed?"],
+            "outputs": ["lava"]}
+    data, journal = qa_file(tmp_path, [long]), tmp_path / "qa.questions.jsonl"
+    _, first = evaluate_qa(lm, [data], ["window", "rag", "hybrid"], max_new_tokens=4, generate=False, progress=False,
+                           journal=journal)
+    trained = lm.embedder.config.train_ks
+    lm.embedder.config.train_ks = [2, 4]  # another plug-in (the config is part of its fingerprint), trained to k = 4
+    try:
+        assert lm.max_k == 4
+        _, again = evaluate_qa(lm, [data], ["window", "rag", "hybrid"], max_new_tokens=4, generate=False,
+                               progress=False, journal=journal)
+    finally:
+        lm.embedder.config.train_ks = trained
+    assert again[:2] == first[:2] and "embedder_fingerprint" not in again[0]  # window and rag: reused as they were
+    assert again[2]["embedder_fingerprint"] != first[2]["embedder_fingerprint"]  # hybrid: made again
+    assert {k for k in again[2]["chunk_ks"].values() if k > 1} == {4} and again[2]["max_k"] == 4
+    assert max(first[2]["chunk_ks"].values()) == 16 and len(journal.read_text().splitlines()) == 4
+    # a window record of a journal from before (keyed on its plug-in and max_k, as every record then) still resumes
+    old = {key: value for key, value in first[0].items() if key != "llm_weights"}
+    old.update(embedder_fingerprint=first[2]["embedder_fingerprint"], max_k=16)
+    journal.write_text(json.dumps(old) + "\n")
+    _, resumed = evaluate_qa(lm, [data], ["window"], max_new_tokens=4, generate=False, progress=False, journal=journal)
+    assert resumed == [old]
 
 
 def test_eval_qa_skips_and_counts_a_question_longer_than_the_window_and_reads_a_one_chunk_document(lm, tmp_path):
@@ -573,6 +601,9 @@ def test_eval_qa_reports_each_foreign_control_and_the_content_rag_k_recovers(lm,
     for line in ("| rag:4 - foreign:rag:4 | all | 3 |", "| hybrid - foreign:hybrid | all | 3 |",
                  "Content recovered", "| rag:4 | all | 3 |", "| rag held the answer |"):
         assert line in report
+    # the content control split by where rag held the answer, beside hybrid - rag's split
+    assert re.search(r"\| hybrid - foreign:hybrid \| (raw|left out|not in text) \| all \|", report)
+    assert re.search(r"\| hybrid - rag \| (raw|left out|not in text) \| all \|", report)
     rename = lambda rs: [{**r, "method": "foreign"} if r["method"] == "foreign:hybrid" else r for r in rs]  # noqa: E731
     assert qa_markdown(rename(rows), rename(records)) == report  # a report of before foreign:M, read alike
 

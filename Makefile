@@ -57,13 +57,14 @@ S3_TEST_TIMEOUT ?= 600
 s3-test: setup
 	S3_TEST_TIMEOUT=$(S3_TEST_TIMEOUT) timeout --kill-after 10 $$(($(S3_TEST_TIMEOUT) + 60)) $(PY) -m tests.s3
 
-# Two-stream AR training of the shipped SmolLM2 plug-in on the books, the held-out ones excluded, in three stages:
+# Two-stream AR training of a SmolLM2 plug-in on the books, the held-out ones excluded (stage 3 shipped until the
+# read stage replaced it), in three stages:
 # 1. the paper's objective (each chunk predicted right after the compressed chunks before it), 661 of a planned
 #    1,200 steps; 2. warm-started from stage 1, 450 steps with up to 3 raw chunks between the compressed context and
 #    the predicted chunk, as the runtime's sliding layout reads them; 3. warm-started from stage 2, 360 steps with k=64
 #    added to the k set (long contexts at W=1024 read best at k=64). Rerun to resume; MINUTES=N stops a stage cleanly
 #    after N minutes (checkpointed; exit 3, so a stage never starts from an unfinished one). The repository keeps
-#    these stages' cards, configs and logs but not their weights (stage 3's are the shipped plug-in): to retrain,
+#    these stages' cards, configs and logs, and only stage 3's weights (every later stage starts there): to retrain,
 #    remove runs/smollm2-lora32*/checkpoint first.
 TRAIN_ARGS = --data $(BOOKS) --exclude $(HELD_OUT) --lora-rank 32 --chunk 256 --sample-tokens 2048 \
 	--save-every 20 $(if $(MINUTES),--max-minutes $(MINUTES))
@@ -84,7 +85,7 @@ QA_TRAIN = out/qa/squad_train.jsonl $(QA)/fairytaleqa_train.jsonl $(QA)/qmsum_tr
 train-qa: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
 	$(PY) -m jobs.train_qa --data $(BOOKS) --exclude $(HELD_OUT) --lora-rank 32 --chunk 256 --sample-tokens 1024 \
-		--ks 4 8 16 32 64 --recent-chunks 2 --init-from extensible/shipped/smollm2-135m-instruct --lr 1e-4 \
+		--ks 4 8 16 32 64 --recent-chunks 2 --init-from runs/smollm2-lora32-k64/checkpoint/plugin --lr 1e-4 \
 		--warmup 10 --steps 200 --stop-at 124 --save-every 10 $(if $(MINUTES),--max-minutes $(MINUTES)) --out runs/smollm2-qa \
 		--qa $(QA_TRAIN)
 
@@ -92,7 +93,7 @@ train-qa: setup
 # exists only compressed -- a book chunk's rows then its continuation (or the chunk itself, a quarter of the time), and
 # a training question's gold chunk plus one other chunk of its document as rows then the question -- with the LLM's
 # next-token loss, KL to the same frozen LLM reading the evidence raw, and a hinge asking the own rows to beat another
-# document's at the same k. Warm-started from the shipped plug-in; only the embedder's LoRA and a residual row MLP
+# document's at the same k. Warm-started from stage 3; only the embedder's LoRA and a residual row MLP
 # train. train-read: the CPU sizing (~25 s a step on one core); train-read-gpu: the same recipe sized for one GPU,
 # stopping itself after 7 minutes (on a lent device: `make train-read-gpu && cp -r runs/smollm2-read-gpu $$OUT/`).
 # Rerun to resume; MINUTES=N stops the CPU run cleanly after N minutes.
@@ -110,7 +111,7 @@ train-recall: setup
 # the held-out SQuAD articles and FairytaleQA val (100 questions each), and perplexity at 3W (k = 8) and 8W (k = 64)
 # on the held-out books, each with another document's rows at the same k and positions; first, the reconstruction
 # diagnostic (recall:K: a chunk scored right after its own rows, against another book's).
-READ_EVAL = $(if $(PLUGIN),--plugin $(PLUGIN)) --window 1024
+READ_EVAL = $(PLUGIN_ARG) --window 1024
 eval-read: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(READ_EVAL) --context 256 --tail 512 --samples 16 \
@@ -121,37 +122,45 @@ eval-read: setup
 		--methods window,full,ext:8,foreign:ext:8,ext:64,foreign:ext:64 --json out/eval/read_ppl.json
 
 # The perplexity protocol on the held-out books (W = 1024, tail 512; 7680 + 512 = 8192 = SmolLM2's positions, so
-# full attention is the upper bound there; 25600 = 25W fits W = 1024 only at k >= 64), the paper's session policy
-# and the untrained embedder beside it, RoPE scaling past 8K, the Table 6 grid (k x L), then QA on the L-Eval files.
+# full attention is the upper bound there; 25600 = 25W fits W = 1024 only at k >= 32 with 128-token chunks), the
+# paper's session policy and the untrained embedder beside it, RoPE scaling past 8K, the Table 6 grid (k x L), then QA
+# on the L-Eval files. PLUGIN=folder measures another plug-in (default the shipped one, trained at k <= 8: the coarser
+# ks show what it does outside its training; PLUGIN=runs/smollm2-lora32-k64/checkpoint/plugin
+# reruns stage 3's card).
 # Every compressed method is measured beside its content control (foreign:M: another document's rows, same k and
 # positions): M - foreign:M is what the rows' content adds; the rest of M's gain is a learned prompt.
-# ~80 minutes on 2 CPU cores.
+# ~90 minutes on 2 CPU cores, then eval-qa.
 HELD_OUT_FILES = $(foreach b,$(HELD_OUT),$(BOOKS)/$(b).txt)
+PLUGIN_ARG = $(if $(PLUGIN),--plugin $(PLUGIN))
 eval: setup
-	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 16384 25600 --tail 512 \
-		--samples 3 --methods window,full,streaming,ext:8,ext:16,ext:32,ext:64,ext:adaptive,foreign:ext:8,foreign:ext:64 \
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(PLUGIN_ARG) --window 1024 --context 1024 4096 7680 16384 25600 \
+		--tail 512 --samples 3 \
+		--methods window,full,streaming,ext:4,ext:8,ext:16,ext:32,ext:64,ext:adaptive,foreign:ext:8,foreign:ext:64 \
 		--json out/eval/ppl.json
-	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 4096 7680 --tail 512 --samples 3 \
-		--methods window,ext:16,ext:32 --policy session --json out/eval/ppl_session.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(PLUGIN_ARG) --window 1024 --context 1024 4096 7680 --tail 512 \
+		--samples 3 --methods window,ext:8,ext:16,ext:32 --policy session --json out/eval/ppl_session.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 4096 7680 --tail 512 --samples 3 \
 		--methods window,ext:16 --untrained --chunk 256 --json out/eval/ppl_untrained.json
-	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 16384 --tail 512 --samples 1 \
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(PLUGIN_ARG) --window 1024 --context 16384 --tail 512 --samples 1 \
 		--methods window,pi,ntk,ext:32 --json out/eval/ppl_rope.json
-	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 1024 2048 4096 7680 16384 25600 \
-		--tail 512 --samples 1 --methods window,ext:2,ext:4,ext:8,ext:16,ext:32,ext:64 --json out/eval/ppl_grid.json
+	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(PLUGIN_ARG) --window 1024 \
+		--context 1024 2048 4096 7680 16384 25600 --tail 512 --samples 1 \
+		--methods window,ext:2,ext:4,ext:8,ext:16,ext:32,ext:64 --json out/eval/ppl_grid.json
 	$(MAKE) eval-qa
 
 # QA against plain passage RAG on data no plug-in was trained on (FairytaleQA val, 7 held-out SQuAD articles, the
 # five L-Eval files): answer NLL of the reference at W = 1024 (100 questions per file) and W = 4096, then greedy
-# answers (F1) at W = 1024. ~2.5 hours on 2 CPU cores.
+# answers (F1) at W = 1024. ~3.5 hours on 2 CPU cores.
 QA_FILES = $(QA)/fairytaleqa_val.jsonl out/qa/squad_heldout.jsonl $(wildcard $(LEVAL)/*.jsonl)
 eval-qa: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
-	$(EXTEMB) eval-qa --data $(QA_FILES) --window 1024 --methods window,full,rag,hybrid,foreign:hybrid,rag:8,foreign:rag:8 \
+	$(EXTEMB) eval-qa --data $(QA_FILES) $(PLUGIN_ARG) --window 1024 \
+		--methods window,full,rag,ext:graded,foreign:ext:graded,hybrid,foreign:hybrid,rag:8,foreign:rag:8 \
 		--limit 100 --no-generate --json out/eval/qa_w1024.json
-	$(EXTEMB) eval-qa --data $(QA_FILES) --window 4096 --methods window,rag,hybrid --limit 20 --no-generate \
-		--json out/eval/qa_w4096.json
-	$(EXTEMB) eval-qa --data $(QA_FILES) --window 1024 --methods rag,hybrid --limit 20 --json out/eval/qa_w1024_f1.json
+	$(EXTEMB) eval-qa --data $(QA_FILES) $(PLUGIN_ARG) --window 4096 --methods window,rag,ext:graded,hybrid \
+		--limit 20 --no-generate --json out/eval/qa_w4096.json
+	$(EXTEMB) eval-qa --data $(QA_FILES) $(PLUGIN_ARG) --window 1024 --methods rag,ext:graded,hybrid --limit 20 \
+		--json out/eval/qa_w1024_f1.json
 
 bench: setup
 	$(PY) -m jobs.bench_online_memory --lengths 8192 16384 32768 --k 16 --window 4096

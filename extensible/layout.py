@@ -7,8 +7,8 @@ must fit the window: ``c * ceil(chunk_size / k) + (n - c * chunk_size) <= window
 Policies for choosing ``c`` as ``n`` grows:
 
 * ``sliding`` (default): compress only the oldest raw chunk, one at a time, when the window overflows; keeps the
-  most raw tokens. Measured better than ``session`` on held-out books with the shipped SmolLM2 plug-in (see its
-  model card): the LLM reads recent text best as tokens.
+  most raw tokens. Measured better than ``session`` on held-out books with stage 3 of the
+  SmolLM2 training (runs/smollm2-lora32-k64/README.md): the LLM reads recent text best as tokens.
 * ``session`` (the paper's online mode): a session keeps adding raw tokens until |Ex| + tokens reaches the window;
   then every complete chunk of the session becomes extensible embeddings and a new session starts. Streaming
   re-reads the window once per session instead of once per chunk, at the price of fewer raw tokens after a switch.

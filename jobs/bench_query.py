@@ -6,7 +6,7 @@ loaded, one warm-up query, then the peak-RSS mark reset and ``--repeats`` timed 
 * ``window``: the last tokens of the 32K document that fit the window, as plain tokens;
 * ``rag-32k``: ``Library.answer`` with ``strategy="rag"`` on the stored 32K document: the question encoded, every
   chunk scored against it, the best chunks read as plain tokens;
-* ``hybrid-32k`` / ``hybrid-8k``: ``Library.answer`` with the default planner: the same passages raw, the rest of
+* ``hybrid-32k`` / ``hybrid-8k``: ``Library.answer`` with ``strategy="hybrid"``: the same passages raw, the rest of
   the document's precomputed outputs read from the store at a coarse k (only those rows are read);
 * ``full-8k``: all 8K tokens as plain tokens (full attention; the model has 8K positions).
 

@@ -199,8 +199,8 @@ def cmd_eval_qa(args) -> None:
         print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} and the questions beside them")
 
 
-MAX_K_HELP = ("the planner's coarsest k (default: the coarsest the plug-in was trained at, 64 for the shipped one): "
-              "hybrid reads the chunks left beside the raw passages at this k, the most relevant first while they fit")
+MAX_K_HELP = ("the planner's coarsest k (default: the coarsest the plug-in was trained at, 8 for the shipped one): "
+              "graded starts every chunk at this k; hybrid reads the chunks left beside the raw passages at it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ppl = sub.add_parser("ppl", help="perplexity of a file's last tokens: window-only vs extensible embeddings")
     ppl.add_argument("file")
-    ppl.add_argument("--k", type=_k, default=16, help="down-scaling factor, or 'auto' (smallest that fits)")
+    ppl.add_argument("--k", type=_k, default=8, help="down-scaling factor (default 8), or 'auto' (smallest that fits)")
     ppl.add_argument("--tail", type=_positive, default=512, help="tokens scored at the end of the file")
     ppl.add_argument("--context", type=_positive, default=None, help="context tokens before the tail (default: all that fit)")
     ppl.add_argument("--json", action="store_true", help="also print the rows as JSON")
@@ -261,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", nargs="+")
     ask.add_argument("--store", required=True)
     ask.add_argument("--documents", type=_positive, default=2, help="documents read per question (default 2)")
-    ask.add_argument("--strategy", default=None, help="rag (default, the library's: the passages nearest to the "
-                     "question as plain tokens; hybrid measured no better on held-out QA), hybrid (those passages raw, "
-                     "the rest compressed), graded, adaptive, or rag:K (rag's passages read compressed at k=K: a "
-                     "control)")
+    ask.add_argument("--strategy", default=None, help="graded (default, the library's: the documents compressed, the "
+                     "passages nearest to the question refined; measured best on held-out QA), rag (those passages "
+                     "raw, nothing compressed), hybrid (rag's passages raw, the rest compressed), adaptive, or rag:K "
+                     "(rag's passages read compressed at k=K: a control)")
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)

@@ -14,6 +14,9 @@ from . import train_read
 
 BOOKS, QA = "../shared/data/books", "../shared/data/qa"
 HELD_OUT = ["austen_persuasion", "chesterton_thursday", "wells_war_of_the_worlds"]
+# Stage 3 of the book training (make train), the shipped plug-in until the read stage replaced it: every recipe here
+# starts from it.
+STAGE3 = "runs/smollm2-lora32-k64/checkpoint/plugin"
 
 # Short samples (one 256-token chunk of evidence, 64 target tokens; a question's gold chunk and one distractor), so
 # that a step is cheap and the only copy of the evidence is its rows. Rows on the token base: they start as the kept
@@ -21,7 +24,7 @@ HELD_OUT = ["austen_persuasion", "chesterton_thursday", "wells_war_of_the_worlds
 # weight 2, margin 0.5 (runs/smollm2-read-c128-i: content recovered 0.37 -> 0.44, the own reading better too).
 RECIPE = [
     "--data", BOOKS, "--exclude", *HELD_OUT, "--qa", "out/qa/squad_train.jsonl", f"{QA}/fairytaleqa_train.jsonl",
-    "--init-from", "extensible/shipped/smollm2-135m-instruct", "--lora-rank", "32", "--row-mlp", "576",
+    "--init-from", STAGE3, "--lora-rank", "32", "--row-mlp", "576",
     "--row-base", "token",
     "--chunk", "256", "--sample-tokens", "512", "--target-tokens", "64", "--ks", "4", "8", "8", "16", "64",
     "--reconstruct", "0.25", "--distill", "1", "--contrast", "2", "--margin", "0.5", "--lr", "2e-4", "--warmup", "20",
@@ -35,7 +38,7 @@ GPU = ["--batch-size", "16", "--qa-questions", "16", "--steps", "3000", "--save-
 # Reconstruction only: the evidence chunk is the target, so only what its rows carry can lower the loss; book
 # samples only, k opened 2 -> 4 -> 8 over 300 steps (~20 s a step on one core).
 RECALL = [
-    "--data", BOOKS, "--exclude", *HELD_OUT, "--init-from", "extensible/shipped/smollm2-135m-instruct",
+    "--data", BOOKS, "--exclude", *HELD_OUT, "--init-from", STAGE3,
     "--lora-rank", "32", "--row-mlp", "576", "--chunk", "256", "--sample-tokens", "512", "--target-tokens", "64",
     "--ks", "2", "4", "8", "--k-curriculum", "300", "--reconstruct", "1", "--distill", "0", "--contrast", "0",
     "--lr", "2e-4", "--warmup", "20", "--batch-size", "4", "--steps", "1000", "--save-every", "20",

@@ -5,9 +5,9 @@ The LLM's input, in the model's chat template (one user turn)::
     [template start] + for each document: "Document n (name):\\n" [its chunks, in order] "\\n\\n"
                      + question + [template end, assistant turn]
 
-where each chunk the planner chose is read either as its plain tokens (k = 1: by default the passages nearest to the
-question) or as the stored full-resolution outputs down-scaled at its k: only those rows are read from Zarr, and the
-embedder never runs at query time.
+where each chunk the planner chose is read either as its plain tokens (k = 1: the passages nearest to the question,
+as far as the window allows) or as the stored full-resolution outputs down-scaled at its k: only those rows are read
+from Zarr, and the embedder never runs at query time.
 """
 
 from __future__ import annotations
@@ -287,8 +287,8 @@ class Library:
     def answer(self, question: str, documents: int = 2, strategy: str = DEFAULT_STRATEGY, max_new_tokens: int = 96,
                sources: list[Source] | None = None, max_k: int | None = None, **generate_kwargs) -> Answer:
         """Answers from the retrieved documents (or ``sources`` when given) as the planner reads them: by default
-        (``rag``, see ``plan.DEFAULT_STRATEGY``) the passages nearest to the question as plain tokens; ``hybrid`` adds
-        the rest of the documents compressed."""
+        (``graded``, see ``plan.DEFAULT_STRATEGY``) the whole documents compressed at ``max_k``, the chunks nearest to
+        the question refined (raw where the window allows); ``rag`` reads only the nearest passages, as plain tokens."""
         start = time.perf_counter()
         query, sources = self.prepare(question, documents, strategy, max_new_tokens, sources, max_k)
         text, new = generate_answer(self.lm, query.embeds, max_new_tokens, **generate_kwargs)

@@ -56,8 +56,9 @@ class StoreRetriever(BaseRetriever):
 
 
 class ExtensibleQueryEngine(CustomQueryEngine):
-    """Answers through ``Library.answer``: the retrieved documents read as the planner reads them (by default the
-    passages nearest to the question as plain tokens; ``strategy="hybrid"`` adds the rest compressed)."""
+    """Answers through ``Library.answer``: the retrieved documents read as the planner reads them (by default
+    ``graded``: all of them compressed, the passages nearest to the question refined; ``strategy="rag"``: only those
+    passages, as plain tokens)."""
 
     library: Any = None
     store: str | None = None

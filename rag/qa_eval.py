@@ -6,7 +6,7 @@ Methods, the same questions for each; every input is built by the library's own 
 
 * ``window``: the document truncated in the middle (its head and its end kept, LongBench's rule) to fit the window;
 * ``full``: the whole document as tokens, only when it fits the model's positions (rows count what was answered);
-* ``rag``: the baseline (and the library's default) -- the document's chunks ranked against the question by the
+* ``rag``: the baseline (plain passage RAG) -- the document's chunks ranked against the question by the
   retriever (MiniLM), the best as plain tokens, in document order, while they fit;
 * ``rag:K`` (K >= 2): exactly the chunks ``rag`` chooses, every one read compressed at k = K, nothing raw but the
   template and the question: the direct test of reading the compressed rows;

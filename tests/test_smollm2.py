@@ -146,6 +146,7 @@ def test_the_shipped_plugin_is_the_default_and_small(smollm2):
     llm, tokenizer = smollm2
     embedder = load_embedder(llm, tokenizer)
     assert embedder.config.trained_steps > 0 and embedder.config.lora_rank  # trained, not a fresh copy
+    assert embedder.config.row_base == "token" and embedder.config.row_mlp  # the read stage's, whose rows carry content
     files = list((SHIPPED / "smollm2-135m-instruct").iterdir())
     assert {f.name for f in files} >= {"extensible_config.json", "embedder.safetensors", "README.md"}
     assert sum(f.stat().st_size for f in files) < 20 * 2**20

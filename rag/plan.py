@@ -27,8 +27,9 @@ from extensible.errors import ContextTooLongError, UserError
 STRATEGIES = ("rag", "hybrid", "graded", "adaptive")  # and rag:K
 # graded: on held-out data (200 questions, 7 SQuAD articles + FairytaleQA val, W = 1024, the shipped plug-in) it
 # beats plain rag by -0.540 [-0.773, -0.310] nats of answer NLL, and its rows carry content (graded - foreign:graded
-# -0.073 [-0.147, -0.002]); hybrid beats rag too (-0.263) but reads no content. With the plug-in shipped before (stage
-# 3, rows without content), rag was the default: hybrid measured +0.051 [+0.007, +0.103] worse than rag.
+# -0.073 [-0.147, -0.002]); hybrid beats rag too (-0.263) but shows no measurable content (-0.004 [-0.057, +0.047]).
+# With the plug-in shipped before (stage 3, rows with only a trace of content), rag was the default: hybrid measured
+# +0.051 [+0.007, +0.103] worse than rag.
 DEFAULT_STRATEGY = "graded"
 
 

@@ -336,7 +336,8 @@ def test_llamaindex_retriever_and_query_engine_match_the_library(store_path, lm)
     response = engine.query("What flowed down the mountain?")
     expected = library.answer("What flowed down the mountain?", documents=1, max_new_tokens=6)
     assert response.response == expected.answer  # Library.answer with the default planner, greedy
-    assert response.metadata["strategy"] == "graded" and response.metadata["sources"][0]["source"].endswith("volcano.txt")
+    assert response.metadata["strategy"] == "graded"
+    assert response.metadata["sources"][0]["source"].endswith("volcano.txt")
     assert {n.node.metadata["doc_id"] for n in response.source_nodes} == {expected.sources[0].doc_id}
     assert [n.node.get_content() for n in response.source_nodes] == [p["text"] for p in expected.sources[0].passages]
 

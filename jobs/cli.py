@@ -200,7 +200,7 @@ def cmd_eval_qa(args) -> None:
 
 
 MAX_K_HELP = ("the planner's coarsest k (default: the coarsest the plug-in was trained at, 8 for the shipped one): "
-              "graded starts every chunk at this k; hybrid reads the chunks left beside the raw passages at it")
+              "hybrid reads the chunks left beside the raw passages at this k; graded starts every chunk at it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", nargs="+")
     ask.add_argument("--store", required=True)
     ask.add_argument("--documents", type=_positive, default=2, help="documents read per question (default 2)")
-    ask.add_argument("--strategy", default=None, help="graded (default, the library's: the documents compressed, the "
-                     "passages nearest to the question refined; measured best on held-out QA), rag (those passages "
-                     "raw, nothing compressed), hybrid (rag's passages raw, the rest compressed), adaptive, or rag:K "
-                     "(rag's passages read compressed at k=K: a control)")
+    ask.add_argument("--strategy", default=None, help="hybrid (default, the library's: the passages nearest to the "
+                     "question raw, the rest compressed; measured best on held-out QA), rag (those passages raw, "
+                     "nothing compressed), graded (everything compressed, the nearest refined; best on short "
+                     "documents), adaptive, or rag:K (rag's passages read compressed at k=K: a control)")
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)

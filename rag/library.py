@@ -287,8 +287,8 @@ class Library:
     def answer(self, question: str, documents: int = 2, strategy: str = DEFAULT_STRATEGY, max_new_tokens: int = 96,
                sources: list[Source] | None = None, max_k: int | None = None, **generate_kwargs) -> Answer:
         """Answers from the retrieved documents (or ``sources`` when given) as the planner reads them: by default
-        (``graded``, see ``plan.DEFAULT_STRATEGY``) the whole documents compressed at ``max_k``, the chunks nearest to
-        the question refined (raw where the window allows); ``rag`` reads only the nearest passages, as plain tokens."""
+        (``hybrid``, see ``plan.DEFAULT_STRATEGY``) the passages nearest to the question as plain tokens and the rest of
+        the documents compressed in the slots they leave; ``rag`` reads only those passages."""
         start = time.perf_counter()
         query, sources = self.prepare(question, documents, strategy, max_new_tokens, sources, max_k)
         text, new = generate_answer(self.lm, query.embeds, max_new_tokens, **generate_kwargs)

@@ -57,8 +57,8 @@ class StoreRetriever(BaseRetriever):
 
 class ExtensibleQueryEngine(CustomQueryEngine):
     """Answers through ``Library.answer``: the retrieved documents read as the planner reads them (by default
-    ``graded``: all of them compressed, the passages nearest to the question refined; ``strategy="rag"``: only those
-    passages, as plain tokens)."""
+    ``hybrid``: the passages nearest to the question as plain tokens, the rest compressed; ``strategy="rag"``: only
+    those passages)."""
 
     library: Any = None
     store: str | None = None

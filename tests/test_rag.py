@@ -121,7 +121,7 @@ def test_rag_plan_reads_the_most_relevant_chunks_raw_and_hybrid_adds_the_rest_co
     assert {c for c, k in tight.items() if k == 16} == {5, 9, 8}
     assert plan(units([16] * 3), 1, 100, "hybrid").ks[0] == {0: 1, 1: 1, 2: 1}  # a document that fits is read raw
     assert plan(chunks, 1, 40, "rag:4", max_k=2).ks[0] == {2: 4, 7: 4}  # rag's chunks, all at k=4 (max_k aside)
-    assert plan(chunks, 1, 40).ks[0] == plan(chunks, 1, 40, "graded").ks[0] != rag  # graded is the default
+    assert plan(chunks, 1, 40, max_k=16).ks[0] == ks  # hybrid is the default
     for bad in ("rag:1", "rag:x", "hybrid:4"):
         with pytest.raises(UserError, match="rag:K|unknown strategy"):
             plan(chunks, 1, 40, bad)
@@ -264,7 +264,8 @@ def test_answer_reads_the_retrieved_documents_within_the_window(store_path, lm):
     assert hybrid.strategy == "hybrid" and topic_chunk in hybrid.sources[0].raw_chunks  # the hit is read raw
     assert hybrid.sources[0].k_max > 1  # and the rest compressed
     default = library.answer("What flowed down the volcano?", documents=2, max_new_tokens=4)
-    assert default.strategy == DEFAULT_STRATEGY == "graded" and default.sources[0].k_max > 1  # the rest compressed
+    assert default.strategy == DEFAULT_STRATEGY == "hybrid" and default.answer == hybrid.answer
+    assert default.sources[0].chunk_ks == hybrid.sources[0].chunk_ks  # the same plan: hybrid is the default
 
 
 def test_stored_and_in_memory_documents_give_the_same_input_and_answer(store_path, lm):
@@ -299,7 +300,7 @@ def test_bad_questions_and_stores_are_refused(store_path, lm, tiny8, tmp_path):
 def test_langchain_retriever_chat_model_and_llm(store_path, lm):
     library = Library(store_path, lm=lm)
     assert ChatExtensible(store=str(store_path)).library is None  # a cheap constructor: nothing loads
-    assert ChatExtensible(store=str(store_path)).strategy == ExtensibleLLM(store=str(store_path)).strategy == "graded"
+    assert ChatExtensible(store=str(store_path)).strategy == ExtensibleLLM(store=str(store_path)).strategy == "hybrid"
     retriever = StoreRetriever(library=library, k=3)
     documents = retriever.invoke("hot magma and lava")
     assert len(documents) == 3 and documents[0].metadata["source"].endswith("volcano.txt")
@@ -336,7 +337,7 @@ def test_llamaindex_retriever_and_query_engine_match_the_library(store_path, lm)
     response = engine.query("What flowed down the mountain?")
     expected = library.answer("What flowed down the mountain?", documents=1, max_new_tokens=6)
     assert response.response == expected.answer  # Library.answer with the default planner, greedy
-    assert response.metadata["strategy"] == "graded"
+    assert response.metadata["strategy"] == "hybrid"
     assert response.metadata["sources"][0]["source"].endswith("volcano.txt")
     assert {n.node.metadata["doc_id"] for n in response.source_nodes} == {expected.sources[0].doc_id}
     assert [n.node.get_content() for n in response.source_nodes] == [p["text"] for p in expected.sources[0].passages]
@@ -352,7 +353,7 @@ def test_cli_index_and_ask(store_path, tiny8, capsys):
                  "--json", "Where did the lava go?"])
     answer = json.loads(capsys.readouterr().out)
     assert code == 0 and answer["sources"][0]["source"].endswith("volcano.txt") and answer["new_tokens"] >= 1
-    assert answer["strategy"] == "graded" and build_parser().parse_args(["ask", "--store", "s", "q"]).strategy is None
+    assert answer["strategy"] == "hybrid" and build_parser().parse_args(["ask", "--store", "s", "q"]).strategy is None
     assert main(["ask", "--store", str(store_path.parent / "nowhere"), "q"]) == 2
     assert "no store at" in capsys.readouterr().err
     shutil.rmtree(store_path / "index")

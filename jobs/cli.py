@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--store", required=True)
     ask.add_argument("--documents", type=_positive, default=2, help="documents read per question (default 2)")
     ask.add_argument("--strategy", default=None, help="hybrid (default, the library's: the passages nearest to the "
-                     "question raw, the rest compressed; measured best on held-out QA), rag (those passages raw, "
-                     "nothing compressed), graded (everything compressed, the nearest refined; best on short "
-                     "documents), adaptive, or rag:K (rag's passages read compressed at k=K: a control)")
+                     "question raw, the rest compressed; better than rag on every held-out set), rag (those "
+                     "passages raw, nothing compressed), graded (everything compressed, the nearest refined; best "
+                     "on short documents), adaptive, or rag:K (rag's passages read compressed at k=K: a control)")
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)

@@ -265,7 +265,7 @@ def test_answer_reads_the_retrieved_documents_within_the_window(store_path, lm):
     assert hybrid.sources[0].k_max > 1  # and the rest compressed
     default = library.answer("What flowed down the volcano?", documents=2, max_new_tokens=4)
     assert default.strategy == DEFAULT_STRATEGY == "hybrid" and default.answer == hybrid.answer
-    assert default.sources[0].chunk_ks == hybrid.sources[0].chunk_ks  # the same plan: hybrid is the default
+    assert [s.chunk_ks for s in default.sources] == [s.chunk_ks for s in hybrid.sources]  # hybrid is the default
 
 
 def test_stored_and_in_memory_documents_give_the_same_input_and_answer(store_path, lm):

@@ -261,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", nargs="+")
     ask.add_argument("--store", required=True)
     ask.add_argument("--documents", type=_positive, default=2, help="documents read per question (default 2)")
-    ask.add_argument("--strategy", default=None, help="hybrid (default, the library's: the passages nearest to the "
-                     "question raw, the rest compressed; better than rag on every held-out set), rag (those "
-                     "passages raw, nothing compressed), graded (everything compressed, the nearest refined; best "
-                     "on short documents), adaptive, or rag:K (rag's passages read compressed at k=K: a control)")
+    ask.add_argument("--strategy", default=None, help="graded (default, the library's: the most relevant chunks "
+                     "compressed in half the window, the nearest refined, raw where they fit; the best planner "
+                     "measured), hybrid (rag's passages raw, the rest compressed), rag (the nearest passages raw, "
+                     "nothing compressed), adaptive, or rag:K (rag's passages read compressed at k=K: a control)")
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)
@@ -276,18 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     qa = sub.add_parser("eval-qa", help="QA on L-Eval-format files: window vs extensible embeddings")
     qa.add_argument("--data", nargs="+", required=True, help="L-Eval .jsonl files")
-    qa.add_argument("--methods", default="window,rag,hybrid", help="comma-separated: window, full, rag, rag:K "
-                    "(rag's passages, all read compressed at k=K: the test of reading), hybrid, ext:adaptive, "
-                    "ext:graded, ext:K, and foreign:M for M = hybrid, rag:K, ext:adaptive or ext:graded (M's plan read "
-                    "with another document's compressed rows: a control; foreign = foreign:hybrid), and with --store "
-                    "library:rag, library:hybrid (the question asked of the whole stored library)")
+    qa.add_argument("--methods", default="window,rag,ext:graded,hybrid",
+                    help="comma-separated: window, full, rag, rag:K (rag's passages, all read compressed at k=K: the "
+                    "test of reading), hybrid, ext:adaptive, ext:graded (the library's default planner), ext:K, and "
+                    "foreign:M for M = hybrid, rag:K, ext:adaptive or ext:graded (M's plan read with another "
+                    "document's compressed rows: a control; foreign = foreign:hybrid), and with --store library:rag, "
+                    "library:hybrid, library:graded (the question asked of the whole stored library)")
     qa.add_argument("--limit", type=_positive, default=None,
                     help="questions per file, spread over its documents and over each document's questions")
     qa.add_argument("--max-new-tokens", type=_positive, default=64, help="answer length (and the reference tokens scored)")
     qa.add_argument("--no-generate", action="store_true", help="answer NLL only: no generation, no F1/EM/ROUGE-L")
     qa.add_argument("--max-k", type=_positive, help=MAX_K_HELP)
-    qa.add_argument("--store", help="a store holding every document of --data (precomputed with --text-column input): "
-                    "library:rag and library:hybrid ask each question of the whole library, retrieval included")
+    qa.add_argument("--store", help="a store holding every document of --data (precomputed with --text-column "
+                    "input): library:rag, library:hybrid and library:graded ask each question of the whole library, "
+                    "retrieval included")
     qa.add_argument("--json", help="write the rows here (a .md table, a .png plot and every question beside it, "
                     "the questions as they are answered)")
     qa.add_argument("--resume", action="store_true", help="reuse the answered questions that --json's .questions.jsonl "

@@ -11,9 +11,9 @@ Constructors are cheap (nothing loads until the first call), so the classes can 
 
 The chat model answers the last human message. It retrieves by itself, or reads the documents a retriever returned:
 ``chat.invoke(question, documents=retriever.invoke(question))``. Each reply carries the sources and k used in
-``response_metadata``. They read with the library's default strategy, ``hybrid`` (the passages nearest to the question
-as plain tokens, the rest of the documents compressed; see ``plan.DEFAULT_STRATEGY``); ``strategy="rag"`` reads only
-those passages.
+``response_metadata``. They read with the library's default strategy, ``graded`` (the most relevant chunks
+compressed, the nearest to the question refined, raw where they fit; see ``plan.DEFAULT_STRATEGY``);
+``strategy="rag"`` reads only the nearest passages, raw.
 """
 
 from __future__ import annotations

@@ -287,8 +287,8 @@ class Library:
     def answer(self, question: str, documents: int = 2, strategy: str = DEFAULT_STRATEGY, max_new_tokens: int = 96,
                sources: list[Source] | None = None, max_k: int | None = None, **generate_kwargs) -> Answer:
         """Answers from the retrieved documents (or ``sources`` when given) as the planner reads them: by default
-        (``hybrid``, see ``plan.DEFAULT_STRATEGY``) the passages nearest to the question as plain tokens and the rest of
-        the documents compressed in the slots they leave; ``rag`` reads only those passages."""
+        (``graded``, see ``plan.DEFAULT_STRATEGY``) the most relevant chunks compressed in half the window and the
+        nearest of them refined, raw where they fit; ``rag`` reads only the nearest passages, raw."""
         start = time.perf_counter()
         query, sources = self.prepare(question, documents, strategy, max_new_tokens, sources, max_k)
         text, new = generate_answer(self.lm, query.embeds, max_new_tokens, **generate_kwargs)

@@ -57,8 +57,8 @@ class StoreRetriever(BaseRetriever):
 
 class ExtensibleQueryEngine(CustomQueryEngine):
     """Answers through ``Library.answer``: the retrieved documents read as the planner reads them (by default
-    ``hybrid``: the passages nearest to the question as plain tokens, the rest compressed; ``strategy="rag"``: only
-    those passages)."""
+    ``graded``: the most relevant chunks compressed, the nearest refined, raw where they fit; ``strategy="rag"``: only
+    the nearest passages, raw)."""
 
     library: Any = None
     store: str | None = None

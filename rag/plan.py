@@ -4,13 +4,15 @@ Every chunk is a unit that costs ``ceil(length / k)`` slots at factor k; k = 1 r
 Strategies:
 
 * ``rag``: the most relevant chunks as plain tokens while they fit, nothing compressed.
-* ``hybrid`` (the default): exactly the chunks ``rag`` reads, raw; then the slots they leave hold the other chunks
+* ``hybrid``: exactly the chunks ``rag`` reads, raw; then the slots they leave hold the other chunks
   compressed at ``max_k``, the most relevant first. The raw passages are never given up for compressed context, so
   the LLM always reads at least what plain passage RAG reads.
 * ``rag:K`` (K >= 2; a control of reading): exactly the chunks ``rag`` chooses at this budget, every one read
   compressed at k = K (``max_k`` does not apply) -- the passages' content reaches the LLM only through their rows.
-* ``graded``: every chunk starts at ``max_k``; then, in order of relevance, each chunk is refined as far as the
-  budget allows (raw if it fits, else the finest k that fits) before the next one is touched.
+* ``graded`` (the default): the most relevant chunks start at ``max_k`` in at most half the budget (all of a
+  document that fits there); then, in order of relevance, each chunk is refined as far as the whole budget allows
+  (raw if it fits, else the finest k that fits) before the next one is touched. The half kept free is what lets the
+  nearest passages be read raw when a document overflows the window at ``max_k``.
 * ``adaptive`` (the paper's rule): one k for everything, the smallest that fits the budget.
 
 Relevance is the retrieval score; among equals (chunks without a hit) the later chunk first. When even ``max_k`` does
@@ -25,13 +27,14 @@ from extensible.downscale import num_kept
 from extensible.errors import ContextTooLongError, UserError
 
 STRATEGIES = ("rag", "hybrid", "graded", "adaptive")  # and rag:K
-# hybrid: the only planner better than rag on every held-out set with the shipped plug-in (W = 1024, answer NLL):
-# -0.263 [-0.347, -0.191] on 200 questions of 7 SQuAD articles + FairytaleQA val, -0.124 [-0.179, -0.073] on 100 of
-# L-Eval natural_question, and it never reads less raw text than rag. Its gain is the rows' learned prompt (hybrid -
-# foreign:hybrid -0.004 and +0.025). graded, whose rows carry content, wins on the short documents (-0.540) but reads a
-# document that overflows the window at max_k all compressed, nothing raw: +1.020 on natural_question. With the plug-in
-# shipped before (stage 3) rag was the default: there hybrid measured +0.051 [+0.007, +0.103] against rag.
-DEFAULT_STRATEGY = "hybrid"
+# graded: the best planner measured with the shipped plug-in (W = 1024, answer NLL against rag, held out, mean of the
+# files -0.306, hybrid -0.113): -0.991 [-1.196, -0.808] on 200 questions of 7 SQuAD articles + FairytaleQA val, -0.326
+# [-0.521, -0.133] on 100 of L-Eval natural_question, +0.028 [-0.026, +0.088] on 100 of multidoc_qa, +0.067 [-0.134,
+# +0.271] on 100 of scientific_qa (hybrid: -0.263, -0.124, -0.025, -0.039: better on free-text answers; reports
+# runs/qa-eval/graded-half_*.md). Its gain is the rows' learned prompt, not their content (graded - foreign:graded
+# +0.008, +0.043, -0.001, -0.002). Before it kept half the budget free, graded read a document that overflows the
+# window at max_k all compressed (+1.020 on natural_question) and hybrid was the default; with stage 3's plug-in, rag.
+DEFAULT_STRATEGY = "graded"
 
 
 @dataclass
@@ -87,7 +90,11 @@ def _hybrid(units: list[Unit], budget: int, max_k: int, compress: bool) -> dict[
 
 
 def _graded(units: list[Unit], budget: int, max_k: int, min_k: int) -> dict[tuple[int, int], int]:
-    chosen, used = _fill(units, budget, max_k)
+    # the chunks at max_k take at most half the budget (all of a document that fits there), so that the most relevant
+    # can always be refined: a document that overflows the window at max_k is not read all compressed
+    chosen, used = _fill(units, budget // 2, max_k)
+    if not chosen:  # a budget too small for even one chunk in its half
+        chosen, used = _fill(units, budget, max_k)
     levels = [k for k in range(min_k, max_k)]  # finest first
     for unit in _by_relevance([u for u in units if (u.document, u.chunk) in chosen]):
         key, now = (unit.document, unit.chunk), num_kept(unit.length, max_k)

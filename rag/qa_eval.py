@@ -21,11 +21,12 @@ Methods, the same questions for each; every input is built by the library's own 
   content read. The donor is the next document of the file (in file order, wrapping round) that holds a whole chunk
   and shares under 20% of its token 8-grams with the document (``choose_donors``): a file where a document has none
   is refused.
-* ``library:rag`` / ``library:hybrid`` (with ``store``): the question asked of the whole stored library, as
-  ``Library.answer`` asks it -- retrieval has to find the question's document among all the store holds (every
-  document of the files must be precomputed into it: ``make precompute CORPUS=FILE.jsonl PRECOMPUTE_ARGS="--text-column
-  input"``), then its two best documents are read with that strategy. Records add ``hit@1`` and ``hit@3``: whether the
-  question's own document (by content hash) is the first, or among the first three, documents retrieved.
+* ``library:rag`` / ``library:hybrid`` / ``library:graded`` (with ``store``): the question asked of the whole stored
+  library, as ``Library.answer`` asks it -- retrieval has to find the question's document among all the store holds
+  (every document of the files must be precomputed into it: ``make precompute CORPUS=FILE.jsonl
+  PRECOMPUTE_ARGS="--text-column input"``), then its two best documents are read with that strategy. Records add
+  ``hit@1`` and ``hit@3``: whether the question's own document (by content hash) is the first, or among the first three,
+  documents retrieved.
 
 Metrics: ``answer_nll`` = mean per-token NLL of the first reference answer (its first ``max_new_tokens`` tokens),
 teacher-forced right after the method's input -- the input generation uses; token F1, exact match (SQuAD
@@ -71,7 +72,7 @@ PLANNED = {"rag": "rag", "hybrid": "hybrid", "ext:adaptive": "adaptive", "ext:gr
 FOREIGN = "foreign:"
 LIBRARY = "library:"
 READS_NO_ROWS = ("window", "full", "rag")
-LIBRARY_METHODS = ("library:rag", "library:hybrid")
+LIBRARY_METHODS = ("library:rag", "library:hybrid", "library:graded")
 HITS = (1, 3)  # hit@k of the question's own document among the documents retrieved from the library
 
 
@@ -439,7 +440,7 @@ def evaluate_qa(lm, files: list[str], methods: list[str], limit: int | None = No
     ``full`` and ``rag`` records depend on the LLM, and rag's on the chunk size, not on the plug-in or ``max_k``)."""
     asks_library = any(m.startswith(LIBRARY) for m in methods)
     if asks_library and store is None:
-        raise UserError("library:rag and library:hybrid ask a stored library: give --store STORE")
+        raise UserError(f"{', '.join(LIBRARY_METHODS)} ask a stored library: give --store STORE")
     records_of = {file: read_leval(file) for file in files}
     evaluation = QAEvaluation(lm, max_new_tokens, max_k, library_for(lm, store, records_of) if asks_library else None)
     settings = {"window": lm.window, "max_new_tokens": max_new_tokens, "generate": generate, "max_k": evaluation.max_k,

@@ -109,6 +109,15 @@ def test_graded_plan_refines_the_best_chunk_to_raw_before_the_next():
     assert ks[3] < adaptive[3]  # the best passage gets more slots than a uniform k gives it
 
 
+def test_graded_plan_keeps_room_to_read_the_best_chunk_raw_when_the_document_overflows_at_max_k():
+    chunks = units([16] * 100, hits={50: 0.9, 10: 0.5})  # 100 slots at max_k: more than the 40 of the budget
+    result = plan(chunks, 1, 40, "graded", max_k=16, min_k=1)
+    ks = result.ks[0]
+    assert result.slots(chunks) <= 40 and ks[50] == 1 and 1 < ks[10] < 16
+    assert sum(k == 16 for k in ks.values()) == 18  # the compressed took half the budget: 20 chunks, 2 refined
+    assert plan(units([16] * 3), 1, 1, "graded", max_k=16).ks[0] == {2: 16}  # no half of one slot: the whole one
+
+
 def test_rag_plan_reads_the_most_relevant_chunks_raw_and_hybrid_adds_the_rest_compressed():
     chunks = units([16] * 10, hits={7: 0.9, 2: 0.8, 5: 0.1})
     rag = plan(chunks, 1, 40, "rag", max_k=16).ks[0]
@@ -121,7 +130,7 @@ def test_rag_plan_reads_the_most_relevant_chunks_raw_and_hybrid_adds_the_rest_co
     assert {c for c, k in tight.items() if k == 16} == {5, 9, 8}
     assert plan(units([16] * 3), 1, 100, "hybrid").ks[0] == {0: 1, 1: 1, 2: 1}  # a document that fits is read raw
     assert plan(chunks, 1, 40, "rag:4", max_k=2).ks[0] == {2: 4, 7: 4}  # rag's chunks, all at k=4 (max_k aside)
-    assert plan(chunks, 1, 40, max_k=16).ks[0] == ks  # hybrid is the default
+    assert plan(chunks, 1, 40, max_k=16).ks[0] == plan(chunks, 1, 40, "graded", max_k=16).ks[0]  # the default
     for bad in ("rag:1", "rag:x", "hybrid:4"):
         with pytest.raises(UserError, match="rag:K|unknown strategy"):
             plan(chunks, 1, 40, bad)
@@ -263,9 +272,10 @@ def test_answer_reads_the_retrieved_documents_within_the_window(store_path, lm):
     hybrid = library.answer("What flowed down the volcano?", documents=2, strategy="hybrid", max_new_tokens=4)
     assert hybrid.strategy == "hybrid" and topic_chunk in hybrid.sources[0].raw_chunks  # the hit is read raw
     assert hybrid.sources[0].k_max > 1  # and the rest compressed
+    graded = library.answer("What flowed down the volcano?", documents=2, strategy="graded", max_new_tokens=4)
     default = library.answer("What flowed down the volcano?", documents=2, max_new_tokens=4)
-    assert default.strategy == DEFAULT_STRATEGY == "hybrid" and default.answer == hybrid.answer
-    assert [s.chunk_ks for s in default.sources] == [s.chunk_ks for s in hybrid.sources]  # hybrid is the default
+    assert default.strategy == DEFAULT_STRATEGY == "graded" and default.answer == graded.answer
+    assert [s.chunk_ks for s in default.sources] == [s.chunk_ks for s in graded.sources]  # graded is the default
 
 
 def test_stored_and_in_memory_documents_give_the_same_input_and_answer(store_path, lm):
@@ -300,7 +310,7 @@ def test_bad_questions_and_stores_are_refused(store_path, lm, tiny8, tmp_path):
 def test_langchain_retriever_chat_model_and_llm(store_path, lm):
     library = Library(store_path, lm=lm)
     assert ChatExtensible(store=str(store_path)).library is None  # a cheap constructor: nothing loads
-    assert ChatExtensible(store=str(store_path)).strategy == ExtensibleLLM(store=str(store_path)).strategy == "hybrid"
+    assert ChatExtensible(store=str(store_path)).strategy == ExtensibleLLM(store=str(store_path)).strategy == "graded"
     retriever = StoreRetriever(library=library, k=3)
     documents = retriever.invoke("hot magma and lava")
     assert len(documents) == 3 and documents[0].metadata["source"].endswith("volcano.txt")
@@ -337,7 +347,7 @@ def test_llamaindex_retriever_and_query_engine_match_the_library(store_path, lm)
     response = engine.query("What flowed down the mountain?")
     expected = library.answer("What flowed down the mountain?", documents=1, max_new_tokens=6)
     assert response.response == expected.answer  # Library.answer with the default planner, greedy
-    assert response.metadata["strategy"] == "hybrid"
+    assert response.metadata["strategy"] == "graded"
     assert response.metadata["sources"][0]["source"].endswith("volcano.txt")
     assert {n.node.metadata["doc_id"] for n in response.source_nodes} == {expected.sources[0].doc_id}
     assert [n.node.get_content() for n in response.source_nodes] == [p["text"] for p in expected.sources[0].passages]
@@ -353,7 +363,7 @@ def test_cli_index_and_ask(store_path, tiny8, capsys):
                  "--json", "Where did the lava go?"])
     answer = json.loads(capsys.readouterr().out)
     assert code == 0 and answer["sources"][0]["source"].endswith("volcano.txt") and answer["new_tokens"] >= 1
-    assert answer["strategy"] == "hybrid" and build_parser().parse_args(["ask", "--store", "s", "q"]).strategy is None
+    assert answer["strategy"] == "graded" and build_parser().parse_args(["ask", "--store", "s", "q"]).strategy is None
     assert main(["ask", "--store", str(store_path.parent / "nowhere"), "q"]) == 2
     assert "no store at" in capsys.readouterr().err
     shutil.rmtree(store_path / "index")
@@ -674,10 +684,11 @@ def test_eval_qa_over_the_stored_library_finds_each_questions_document(lm, tiny8
         evaluate_qa(lm, [data], ["library:rag"], progress=False)
     precompute(data, str(store), model=tiny8, chunk_size=16, progress=False, text_column="input")
     build_index(Store.open(store), "minilm", progress=False)
-    rows, asked = evaluate_qa(lm, [data], ["rag", "library:rag", "library:hybrid"], max_new_tokens=4,
-                              generate=False, progress=False, store=store)
+    rows, asked = evaluate_qa(lm, [data], ["rag", "library:rag", "library:hybrid", "library:graded"],
+                              max_new_tokens=4, generate=False, progress=False, store=store)
     library = {r["method"]: r for r in rows if r["task"] == "all"}
     assert library["library:rag"]["hit@1"] == library["library:hybrid"]["hit@1"] == 1.0  # one topic each
+    assert library["library:graded"]["hit@1"] == 1.0 and library["library:graded"]["n"] == 3  # the default planner
     assert library["library:rag"]["hit@3"] == 1.0 and library["library:rag"]["n"] == 3
     for record in (r for r in asked if r["method"].startswith("library:")):
         assert len(record["sources"]) == 2 and record["answer_nll"] > 0
@@ -701,7 +712,7 @@ def test_eval_qa_over_the_stored_library_finds_each_questions_document(lm, tiny8
     assert added == ["library:rag"] * 3
     with pytest.raises(UserError, match="1 documents of .*other.jsonl are not in the store .*--text-column input"):
         evaluate_qa(lm, [other], ["library:rag"], progress=False, store=store)
-    with pytest.raises(UserError, match="over a stored library: library:rag, library:hybrid"):
-        parse_qa_methods("library:graded")
+    with pytest.raises(UserError, match="over a stored library: library:rag, library:hybrid, library:graded"):
+        parse_qa_methods("library:adaptive")
     with pytest.raises(UserError, match="rag:32: K must be at most the chunk size \\(16\\)"):
         evaluate_qa(lm, [data], ["rag:32"], progress=False)

@@ -262,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--store", required=True)
     ask.add_argument("--documents", type=_positive, default=2, help="documents read per question (default 2)")
     ask.add_argument("--strategy", default=None, help="graded (default, the library's: the most relevant chunks "
-                     "compressed in half the window, the nearest refined, raw where they fit; the best planner "
-                     "measured), hybrid (rag's passages raw, the rest compressed), rag (the nearest passages raw, "
-                     "nothing compressed), adaptive, or rag:K (rag's passages read compressed at k=K: a control)")
+                     "compressed in half the window, the nearest refined, raw where they fit; the best measured on "
+                     "span and factoid QA), hybrid (rag's passages raw, the rest compressed; better for long "
+                     "free-text answers), rag (the nearest passages raw, nothing compressed), adaptive, or rag:K "
+                     "(rag's passages read compressed at k=K: a control)")
     ask.add_argument("--encoder", default="minilm", help="passage index to search: minilm or embedder-mean")
     ask.add_argument("--window", type=_positive, default=4096, help="the LLM's window in tokens (default 4096)")
     ask.add_argument("--max-new-tokens", type=_positive, default=96)

@@ -200,7 +200,8 @@ def cmd_eval_qa(args) -> None:
 
 
 MAX_K_HELP = ("the planner's coarsest k (default: the coarsest the plug-in was trained at, 8 for the shipped one): "
-              "hybrid reads the chunks left beside the raw passages at this k; graded starts every chunk at it")
+              "hybrid reads the chunks left beside the raw passages at this k; graded starts the most relevant chunks "
+              "at it, in half the budget")
 
 
 def build_parser() -> argparse.ArgumentParser:

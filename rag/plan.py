@@ -16,7 +16,8 @@ Strategies:
 * ``adaptive`` (the paper's rule): one k for everything, the smallest that fits the budget.
 
 Relevance is the retrieval score; among equals (chunks without a hit) the later chunk first. When even ``max_k`` does
-not fit, ``graded`` and ``adaptive`` leave out the least relevant chunks. Chosen chunks are read in document order.
+not fit (for ``graded``: not in half the budget), ``graded`` and ``adaptive`` leave out the least relevant chunks.
+Chosen chunks are read in document order.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from extensible.errors import ContextTooLongError, UserError
 
 STRATEGIES = ("rag", "hybrid", "graded", "adaptive")  # and rag:K
 # graded: the best planner measured with the shipped plug-in (W = 1024, answer NLL against rag, held out, mean of the
-# files -0.306, hybrid -0.113): -0.991 [-1.196, -0.808] on 200 questions of 7 SQuAD articles + FairytaleQA val, -0.326
+# 4 sets -0.305, hybrid -0.113): -0.991 [-1.196, -0.808] on 200 questions of 7 SQuAD articles + FairytaleQA val, -0.326
 # [-0.521, -0.133] on 100 of L-Eval natural_question, +0.028 [-0.026, +0.088] on 100 of multidoc_qa, +0.067 [-0.134,
 # +0.271] on 100 of scientific_qa (hybrid: -0.263, -0.124, -0.025, -0.039: better on free-text answers; reports
 # runs/qa-eval/graded-half_*.md). Its gain is the rows' learned prompt, not their content (graded - foreign:graded

@@ -11,7 +11,7 @@ Methods, the same questions for each; every input is built by the library's own 
 * ``rag:K`` (K >= 2): exactly the chunks ``rag`` chooses, every one read compressed at k = K, nothing raw but the
   template and the question: the direct test of reading the compressed rows;
 * ``hybrid``: rag's passages raw, the rest of the document compressed in the slots they leave;
-* ``ext:adaptive`` / ``ext:graded``: the planner's other strategies on the whole document;
+* ``ext:graded`` (the library's default planner) / ``ext:adaptive``: those strategies on the whole document;
 * ``ext:K``: the runtime's layout at a fixed k (oldest chunks compressed, most recent document tokens raw), as
   ``extemb generate`` reads a file;
 * ``foreign:M``, a control for each M that reads compressed chunks (``hybrid``, ``rag:K``, ``ext:adaptive``,

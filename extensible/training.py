@@ -8,7 +8,8 @@ as one right-padded batch through the frozen LLM, with logits only where the los
 ``recent_chunks`` R matches training to the sliding layout that inference uses, where the most recent chunks stay raw
 tokens between the extensible embeddings and the token being predicted: per sample r is drawn from 0..R, and chunk i
 (i > r) is predicted from the embeddings of chunks < i - r, the raw tokens of chunks i - r .. i - 1, and its own
-preceding tokens. r = 0 is the paper's objective.
+preceding tokens. r = 0 is the paper's objective. The read objective takes it too: r chunks raw between the evidence
+and the target, as a long text's scored tokens sit far past its last compressed row.
 
 Extra objectives (``Trainer(..., objectives=lambda trainer: [...])``) add their loss to every step's book loss:
 objects with a ``name``, ``settings()`` (recorded in the checkpoint; a resume must agree) and ``loss(llm, embedder)``
@@ -111,8 +112,8 @@ class TrainConfig:
         if not 0 <= self.recent_chunks <= n_chunks - 2:
             raise UserError(f"--recent-chunks must be in 0..{n_chunks - 2} (a sample holds {n_chunks} chunks and "
                             f"needs one compressed and one predicted), got {self.recent_chunks}")
-        if self.recent_chunks and self.objective != "ar":
-            raise UserError("--recent-chunks applies to the ar objective only")
+        if self.recent_chunks and self.objective not in ("ar", "read"):
+            raise UserError("--recent-chunks applies to the ar and read objectives only")
         if self.row_mlp < 0:
             raise UserError(f"--row-mlp must be >= 0 (0: no row MLP), got {self.row_mlp}")
         if self.objective == "read" and self.contrast and self.batch_size < 2:
@@ -204,16 +205,19 @@ def padded_batch_loss(llm, inputs: torch.Tensor, rows: torch.Tensor, cols: torch
     return F.cross_entropy(logits.float(), targets.to(logits.device), reduction=reduction)
 
 
-def book_reading_samples(ids: torch.Tensor, chunk_size: int, target_tokens: int,
-                         reconstruct: list[bool]) -> list[ReadingSample]:
+def book_reading_samples(ids: torch.Tensor, chunk_size: int, target_tokens: int, reconstruct: list[bool],
+                         recent: list[int] | None = None) -> list[ReadingSample]:
     """The read objective's samples from book samples ``ids`` [B, S]: the chunks before the last are the evidence;
-    the target is the first ``target_tokens`` of the last chunk, or the evidence itself where ``reconstruct``."""
+    the target is the first ``target_tokens`` of the last chunk, or the evidence itself where ``reconstruct``.
+    ``recent`` r per sample keeps the r chunks before the last raw, between the evidence and the target, as the
+    sliding layout reads a long text (a reconstruction has none)."""
     samples = []
-    for row, again in zip(ids.tolist(), reconstruct):
+    for row, again, r in zip(ids.tolist(), reconstruct, recent or [0] * len(reconstruct)):
         chunks = [row[i : i + chunk_size] for i in range(0, len(row), chunk_size)]
-        evidence = chunks[:-1]
+        split = len(chunks) - 1 - (0 if again else r)
+        evidence, raw = chunks[:split], [t for chunk in chunks[split:-1] for t in chunk]
         target = [t for chunk in evidence for t in chunk] if again else chunks[-1][:target_tokens]
-        samples.append(ReadingSample([], evidence, [], target))
+        samples.append(ReadingSample([], evidence, raw, target))
     return samples
 
 
@@ -348,9 +352,9 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
-    def next_batch(self) -> tuple[torch.Tensor, list[int], list | None]:
-        """(ids [B, S], k per sample, the objective's per-sample draw: raw recent chunks for ar, whether to
-        reconstruct for read)."""
+    def next_batch(self) -> tuple[torch.Tensor, list[int], list | tuple | None]:
+        """(ids [B, S], k per sample, the objective's per-sample draws: raw recent chunks for ar; for read, whether
+        to reconstruct and the raw recent chunks)."""
         config, world = self.config, self.accelerator.num_processes
         rows = []
         for _ in range(config.batch_size):
@@ -362,14 +366,16 @@ class Trainer:
         # Drawn only when asked for, so that runs without recent chunks keep their random stream (and exact resume).
         draws = [random.randint(0, config.recent_chunks) for _ in rows] if config.recent_chunks else None
         if config.objective == "read":
-            draws = [random.random() < config.reconstruct for _ in rows] if config.reconstruct else [False] * len(rows)
+            again = [random.random() < config.reconstruct for _ in rows] if config.reconstruct else [False] * len(rows)
+            draws = (again, draws)
         return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks, draws
 
     def current_ks(self) -> list[int]:
         """The ks a sample may draw now (``--k-curriculum``)."""
         return curriculum_ks(self.config.ks, self.step, self.config.k_curriculum)
 
-    def book_loss(self, ids: torch.Tensor, ks: list[int], draws: list | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def book_loss(self, ids: torch.Tensor, ks: list[int],
+                  draws: list | tuple | None) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss on the book samples and, for the read objective, its measurements (own - foreign, KL, ...)."""
         config = self.config
         if config.objective != "read":
@@ -377,7 +383,7 @@ class Trainer:
                                    config.downscale, draws), {}
         weights = ReadingWeights(config.ce, config.distill, config.contrast, config.margin,
                                  config.contrast_own_only)
-        samples = book_reading_samples(ids, config.chunk_size, config.target_tokens, draws)
+        samples = book_reading_samples(ids, config.chunk_size, config.target_tokens, *draws)
         return reading_loss(self.llm, self.embedder, samples, ks, config.chunk_size, weights, config.downscale)
 
     def train(self, until: int | None = None, max_minutes: float | None = None) -> dict:

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps over which the ks open one by one, smallest first (0: all from the start)")
     p.add_argument("--objective", choices=OBJECTIVES, default="ar")
     p.add_argument("--recent-chunks", type=int, default=0,
-                   help="up to R raw chunks between the compressed context and the predicted chunk (sliding layout)")
+                   help="up to R raw chunks between the compressed context and the predicted chunk (sliding layout; the "
+                   "ar and read objectives)")
     p.add_argument("--init-from", default=None, help="plug-in folder whose tensors start a new run")
     p.add_argument("--downscale", default="strided", help="strided, terminal, random or mean")
     p.add_argument("--row-mlp", type=int, default=0, help="width of a residual MLP on the embedder's rows (0: none)")

@@ -113,6 +113,14 @@ def test_book_samples_hold_the_evidence_once_and_reconstruct_on_request():
     assert again.evidence == [list(range(32, 48))] and again.target == list(range(32, 48))
 
 
+def test_book_samples_keep_recent_chunks_raw_between_the_evidence_and_the_target():
+    ids = torch.arange(128).view(2, 64)  # 4 chunks of 16 a sample
+    far, again = book_reading_samples(ids, 16, 4, [False, True], recent=[2, 2])
+    assert far.evidence == [list(range(16))] and far.after == list(range(16, 48)) and far.target == list(range(48, 52))
+    # a reconstruction keeps no raw chunk: its target is the evidence, all of it before the last chunk
+    assert again.evidence == [list(range(64, 80)), list(range(80, 96)), list(range(96, 112))] and again.after == []
+
+
 def qa_file(tmp_path, documents: int = 3):
     records = [{"input": f"{words(d, 60)} The key was hidden under stone {d}. {words(d + 50, 60)}",
                 "instructions": ["Where was the key?"], "outputs": [f"under stone {d}"],
@@ -174,6 +182,24 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     assert recorded["objective"] == "read" and recorded["objectives"]["qa_read"]
     assert recorded["contrast"] == 2 and recorded["margin"] == 0.5
     assert recorded["row_base"] == "token"  # the recipe's rows start as the kept tokens
+
+
+def test_a_read_run_with_recent_raw_chunks_resumes_exactly(tiny_path, tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "one.txt").write_text(words(3, 400))
+    (books / "two.txt").write_text(words(4, 400))
+    tiny = ["--model", str(tiny_path), "--init-from", "", "--data", str(books), "--exclude", "--qa", "--layers", "2",
+            "--chunk", "32", "--sample-tokens", "128", "--recent-chunks", "2", "--reconstruct", "0.5",
+            "--target-tokens", "8", "--ks", "4", "--row-mlp", "16", "--batch-size", "2", "--steps", "3",
+            "--save-every", "1"]
+    assert read_recipe([*tiny, "--out", str(tmp_path / "straight")]) == 0
+    assert read_recipe([*tiny, "--out", str(tmp_path / "resumed"), "--stop-at", "1"]) == 0
+    assert read_recipe([*tiny, "--out", str(tmp_path / "resumed")]) == 0
+    a, b = (load_file(tmp_path / run / "checkpoint" / "plugin" / "embedder.safetensors") for run in ("straight", "resumed"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
+    assert recorded["objective"] == "read" and recorded["recent_chunks"] == 2
 
 
 def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):

@@ -162,6 +162,8 @@ def test_bad_training_input_is_refused(tiny_path, tmp_path):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[0, 4])
     with pytest.raises(UserError, match="recent-chunks must be in 0..2"):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[4], recent_chunks=3)
+    with pytest.raises(UserError, match="ar and read objectives only"):
+        TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[4], recent_chunks=1, objective="continuation")
     with pytest.raises(UserError, match="k-curriculum must be >= 0"):
         TrainConfig(data=["x"], chunk_size=16, sample_tokens=64, ks=[4], k_curriculum=-1)
 

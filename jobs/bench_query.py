@@ -72,6 +72,7 @@ def worker(kind: str, store_path: str, window: int, new_tokens: int, repeats: in
 
     from extensible.plugins import load_extensible
     from rag.library import Library, Source, prompt_parts
+    from rag.plan import STRATEGIES
     from storage.store import Store
 
     torch.set_num_threads(2)
@@ -80,14 +81,15 @@ def worker(kind: str, store_path: str, window: int, new_tokens: int, repeats: in
     generate = {"min_new_tokens": new_tokens}
     # The plain-token queries get their document's tokens ready-made, as the offline ones get stored rows: tokenizing
     # the text is not part of a query.
-    planned = kind.split("-")[0] in ("rag", "hybrid", "graded")
+    strategy = kind.split("-")[0]  # rag-32k -> rag; window and full-8k name no strategy
+    planned = strategy in STRATEGIES
     document_ids = None if planned else _document_ids(lm, LENGTHS[kind])
     library = Library(store, lm=lm) if planned else None
 
     def query() -> int:
         if planned:  # the document is given, so every planned kind reads the same one; rows are read per query
             source = Source(f"pydoc-{LENGTHS[kind]}", "pydoc", float("nan"))
-            answer = library.answer(QUESTION, sources=[source], strategy=kind.split("-")[0],
+            answer = library.answer(QUESTION, sources=[source], strategy=strategy,
                                     max_new_tokens=new_tokens, **generate)
             return answer.input_positions
         before, after = prompt_parts(lm.tokenizer, QUESTION)

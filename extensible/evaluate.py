@@ -16,6 +16,11 @@ Methods, all on the same samples:
   their own rows at k (nothing else before them), or after the rows of the donor span's last chunks. ``recall:K -
   foreign:recall:K`` says whether the LLM can decode rows at all: how much of a chunk its rows give back.
 
+Far tokens: the tail tokens that only the text before the window can tell (``text.evidence_only``: in the context
+before the last ``window`` tokens ahead of the tail, but not in those tokens, not earlier in the tail, and not among
+the 1000 most frequent tokens of the documents) -- mostly names and rare words. Full attention's gain over the window
+is concentrated there, and so is any content compressed rows carry; the report scores every method on them too.
+
 Samples are spans of ``context + tail`` tokens at offsets drawn from a generator seeded by (seed, document, context),
 so every method and every run sees the same text; a foreign method's donor span is drawn from a generator seeded by
 (seed, document, offset, context), so every run reads the same donor.
@@ -35,7 +40,7 @@ import torch
 from .errors import ContextTooLongError, UserError
 from .layout import smallest_k
 from .runtime import ExtensibleLM, Score
-from .text import MAX_SHARED, SHINGLE, shared_shingles, shingles
+from .text import COMMON_TOKENS, MAX_SHARED, SHINGLE, common_tokens, evidence_only, shared_shingles, shingles
 
 SINKS = 4
 BASE_METHODS = ("window", "full", "streaming", "pi", "ntk")
@@ -234,6 +239,14 @@ class Protocol:
         return self._scaled[key]
 
 
+def far_tokens(ids: torch.Tensor, tail: int, window: int, common: set[int]) -> torch.Tensor:
+    """A mask over the last ``tail`` tokens of ``ids``: those only the text before the window can tell."""
+    start = len(ids) - tail
+    before = max(0, start - window)
+    ids = ids.tolist()
+    return torch.tensor(evidence_only(ids[start:], ids[:before], ids[before:start], common), dtype=torch.bool)
+
+
 def bootstrap_interval(differences, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% paired-bootstrap interval of the mean of per-sample differences (an array); given a list of arrays (one
     per file), of the average over files of each file's mean, resampling within each file."""
@@ -244,8 +257,11 @@ def bootstrap_interval(differences, rounds: int = 2000, seed: int = 0) -> tuple[
 
 
 def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: list[int], methods: list[str],
-             tail: int = 512, per_document: int = 2, seed: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
-    """Rows ``{method, context, k, ppl, tokens, seconds}`` and per-sample mean NLLs keyed by (method, context)."""
+             tail: int = 512, per_document: int = 2, seed: int = 0, progress: bool = True,
+             common: int = COMMON_TOKENS) -> tuple[list[dict], dict, dict]:
+    """Rows ``{method, context, k, ppl, tokens, seconds, far_tokens, far_nll}``, per-sample mean NLLs keyed by
+    (method, context), and the same over each sample's far tokens (NaN for a sample without any; the ``common`` most
+    frequent tokens of the documents are never far)."""
     from tqdm.auto import tqdm
 
     if tail >= protocol.lm.window:
@@ -268,7 +284,10 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
     samples = {context: draw_samples(documents, context, tail, per_document, seed) for context in contexts}
     donors = {context: [donor_span(documents, sample, context, seed) for sample in samples[context]]
               for context in contexts if any(protocol.applicable(m, context + tail) is None for m in foreign)}
-    rows, per_sample = [], {}
+    frequent = common_tokens(documents.values(), common)
+    far_masks = {context: [far_tokens(sample.ids, tail, protocol.lm.window, frequent) for sample in samples[context]]
+                 for context in contexts}
+    rows, per_sample, per_sample_far = [], {}, {}
     jobs = [(context, method) for context in contexts for method in methods]
     bar = tqdm(total=len(jobs), desc="eval-ppl", disable=not progress)
     for context in contexts:
@@ -279,7 +298,7 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
                 bar.write(f"skip {method} at context {context}: {reason}")
                 bar.update()
                 continue
-            nll, tokens, seconds = [], 0, 0.0
+            nll, far, far_sum, tokens, seconds = [], [], 0.0, 0, 0.0
             for i, sample in enumerate(samples[context]):
                 start = time.perf_counter()
                 donor = donors[context][i] if method.startswith(FOREIGN) else None
@@ -287,18 +306,27 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
                 seconds += time.perf_counter() - start
                 nll.append(score.nll / score.tokens)
                 tokens += score.tokens
+                # far tokens are a measure of the methods that score the whole tail (not recall's whole chunks)
+                mask = far_masks[context][i] if score.tokens == tail else torch.zeros(0, dtype=torch.bool)
+                far.append(float(score.token_nll[mask].mean()) if mask.any() else math.nan)
+                far_sum += float(score.token_nll[mask].sum()) if mask.any() else 0.0
             per_sample[(method, context)] = np.array(nll)
+            per_sample_far[(method, context)] = np.array(far)
+            n_far = sum(int(m.sum()) for m in far_masks[context]) if not np.isnan(far).all() else 0
             rows.append({"method": method, "context": context, "k": protocol.k_for(method, context + tail),
                          "ppl": math.exp(float(np.mean(nll))), "tokens": tokens, "seconds": round(seconds, 2),
-                         "samples": len(samples[context])})
+                         "samples": len(samples[context]), "far_tokens": n_far,
+                         "far_nll": far_sum / n_far if n_far else None})
             bar.update()  # after the job, so the bar reaches its end when the last one is done
     bar.close()
-    return rows, per_sample
+    return rows, per_sample, per_sample_far
 
 
-def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window") -> str:
+def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window",
+                    per_sample_far: dict | None = None) -> str:
     """PPL table (methods x contexts), each method's paired-bootstrap interval against the baseline, and the content
-    of the compressed rows: ``ext:K - foreign:ext:K`` in NLL."""
+    of the compressed rows: ``ext:K - foreign:ext:K`` in NLL -- over all tail tokens and, given ``per_sample_far``,
+    over the far tokens."""
     contexts = sorted({row["context"] for row in rows})
     methods = list(dict.fromkeys(row["method"] for row in rows))
     cell = {(row["method"], row["context"]): row for row in rows}
@@ -322,7 +350,10 @@ def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window"
         lines += ["", f"PPL difference against `{baseline}` (negative = better), mean over samples of exp(mean NLL), "
                   "with a 95% paired-bootstrap interval:", "", "| method | context | ppl - baseline | 95% interval |",
                   "|---|---:|---:|---|", *against]
-    return "\n".join(lines + _content_rows(per_sample)) + "\n"
+    lines += _content_rows(per_sample)
+    if per_sample_far:
+        lines += _far_rows(rows, per_sample_far)
+    return "\n".join(lines) + "\n"
 
 
 def _content_rows(per_sample: dict) -> list[str]:
@@ -349,6 +380,38 @@ def _content_rows(per_sample: dict) -> list[str]:
             share = f"{(foreign.mean() - own.mean()) / (window.mean() - full.mean()):.0%}"
         lines.append(f"| {ext} - {FOREIGN}{ext} | {context} | {differences.mean():+.4f} | [{low:+.4f}, {high:+.4f}] "
                      f"| {share} |")
+    return lines
+
+
+def _far_rows(rows: list[dict], per_sample_far: dict) -> list[str]:
+    """Each method's mean NLL on the far tokens, and the content there: ``ext:K - foreign:ext:K`` over the samples
+    that have far tokens, with its share of ``window - full`` on the same samples."""
+    scored = [row for row in rows if row.get("far_tokens")]
+    if not scored:
+        return []
+    lines = ["", "On the far tokens (those only the text before the window can tell: names, rare words), mean NLL in "
+             "nats/token:", "", "| method | context | far tokens | far NLL |", "|---|---:|---:|---:|"]
+    lines += [f"| {row['method']} | {row['context']} | {row['far_tokens']} | {row['far_nll']:.3f} |" for row in scored]
+    pairs = [(method[len(FOREIGN) :], context) for method, context in per_sample_far if method.startswith(FOREIGN)]
+    pairs = [(ext, c) for ext, c in pairs if ext.startswith("ext:") and (ext, c) in per_sample_far]
+    if pairs:
+        lines += ["", "The content on the far tokens: per-sample mean NLL over them, samples without far tokens left "
+                  "out; share: (foreign - ext) / (window - full) on the same samples:", "",
+                  "| difference | context | samples | NLL difference | 95% interval | share of window - full |",
+                  "|---|---:|---:|---:|---|---:|"]
+    for ext, context in pairs:
+        own, foreign = per_sample_far[(ext, context)], per_sample_far[(FOREIGN + ext, context)]
+        keep = ~np.isnan(own)
+        if not keep.any():
+            continue
+        differences = own[keep] - foreign[keep]
+        low, high = bootstrap_interval(differences)
+        window, full = per_sample_far.get(("window", context)), per_sample_far.get(("full", context))
+        share = "-"
+        if window is not None and full is not None and window[keep].mean() != full[keep].mean():
+            share = f"{-differences.mean() / (window[keep].mean() - full[keep].mean()):.0%}"
+        lines.append(f"| {ext} - {FOREIGN}{ext} | {context} | {int(keep.sum())} | {differences.mean():+.4f} | "
+                     f"[{low:+.4f}, {high:+.4f}] | {share} |")
     return lines
 
 

@@ -16,8 +16,11 @@ through a learned prompt, which the third term cancels:
   documents' rows misleading widens the gap as well as reading the own ones better does (runs/smollm2-read-c128-e);
   ``contrast_own_only`` takes the foreign NLL as a fixed target so that only the own reading can move.
 
+A sample's ``weights`` (one per target token) weigh all three terms, e.g. to put the loss on the tokens that only
+the evidence can tell (``extensible.training.evidence_only``).
+
 The metrics are the foreign control of eval-ppl and eval-qa measured on the training stream: ``own_minus_foreign``
-below zero means the rows carry their document.
+below zero means the rows carry their document (``focus_own_minus_foreign``: on the tokens weighted above 1).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ReadingSample:
     evidence: list[list[int]]  # chunks of at most chunk_size tokens, in document order
     after: list[int]
     target: list[int]
+    weights: list[float] | None = None  # per target token (default: all 1), e.g. more on what only the evidence tells
 
 
 @dataclass
@@ -105,8 +109,10 @@ def _nll(llm, sequences: list[list[torch.Tensor]], targets: list[list[int]]) -> 
     return logits, F.cross_entropy(logits, ids, reduction="none")
 
 
-def _per_sample(nll: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
-    return torch.stack([part.mean() for part in nll.split([len(t) for t in targets])])
+def _per_sample(nll: torch.Tensor, weights: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """Each sample's weighted mean over its target tokens."""
+    sizes = [len(t) for t in targets]
+    return torch.stack([(n * w).sum() / w.sum() for n, w in zip(nll.split(sizes), weights.split(sizes))])
 
 
 def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chunk_size: int,
@@ -118,6 +124,7 @@ def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chu
     tokens = lambda ids: embed(torch.tensor(ids, dtype=torch.long, device=device))  # noqa: E731
     outputs = encode_evidence(embedder, samples, chunk_size, device)
     targets = [sample.target for sample in samples]
+    weights_of = torch.tensor([w for s in samples for w in (s.weights or [1.0] * len(s.target))], device=device)
     frames = [(tokens(s.before), tokens(s.after), tokens(s.target[:-1])) for s in samples]
 
     def inputs(rows_of) -> list[list[torch.Tensor]]:
@@ -129,17 +136,22 @@ def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chu
     contrast = weights.contrast > 0 and foreign
     logits, nll = _nll(llm, own + (foreign if contrast else []), targets * (2 if contrast else 1))
     own_tokens = sum(len(t) for t in targets)
-    own_nll = _per_sample(nll[:own_tokens], targets)
-    loss = weights.ce * nll[:own_tokens].mean()
+    own_nll = _per_sample(nll[:own_tokens], weights_of, targets)
+    loss = weights.ce * (nll[:own_tokens] * weights_of).sum() / weights_of.sum()
     metrics = {"own_nll": own_nll.mean().item()}
     if foreign:
         if contrast:
-            foreign_nll = _per_sample(nll[own_tokens:], targets)
+            foreign_token_nll = nll[own_tokens:]
         else:
             with torch.no_grad():
-                foreign_nll = _per_sample(_nll(llm, foreign, targets)[1], targets)
+                foreign_token_nll = _nll(llm, foreign, targets)[1]
+        foreign_nll = _per_sample(foreign_token_nll, weights_of, targets)
         gap = own_nll - foreign_nll  # what the rows' content adds (negative = it helps)
-        metrics["own_minus_foreign"] = gap.mean().item()
+        token_gap = (nll[:own_tokens] - foreign_token_nll).detach()
+        # unweighted, comparable across runs
+        metrics["own_minus_foreign"] = _per_sample(token_gap, torch.ones_like(weights_of), targets).mean().item()
+        if (focused := weights_of > 1).any():
+            metrics["focus_own_minus_foreign"] = token_gap[focused].mean().item()
         if contrast:
             hinge_gap = own_nll - foreign_nll.detach() if weights.contrast_own_only else gap
             loss = loss + weights.contrast * torch.relu(weights.margin + hinge_gap).mean()
@@ -150,7 +162,8 @@ def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chu
             teacher_logits, teacher_nll = _nll(llm, teacher, targets)
             teacher_logprobs = torch.log_softmax(teacher_logits, dim=-1)
         student_logprobs = torch.log_softmax(logits[:own_tokens], dim=-1)
-        kl = F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="none").sum(-1).mean()
+        kl = F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="none").sum(-1)
+        kl = (kl * weights_of).sum() / weights_of.sum()
         loss = loss + weights.distill * kl
         metrics.update(kl=kl.item(), teacher_nll=teacher_nll.mean().item())
     return loss, metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -25,6 +26,27 @@ def read_text(path: str | Path) -> str:
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Plain token ids of a document, no special tokens."""
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+# Tokens this frequent in the text at hand are guessable without reading far back: never evidence-only.
+COMMON_TOKENS = 1000
+
+
+def common_tokens(texts, n: int = COMMON_TOKENS) -> set[int]:
+    """The ``n`` most frequent token ids over ``texts`` (arrays or tensors of ids)."""
+    counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in texts]))
+    return set(np.argsort(counts, kind="stable")[len(counts) - n :].tolist()) if n > 0 else set()
+
+
+def evidence_only(target: list[int], evidence: list[int], raw: list[int], common: set[int]) -> list[bool]:
+    """Which target tokens only the evidence can tell: in the evidence, but neither in the raw text the LLM reads
+    nor earlier in the target, nor among the ``common`` tokens (names and facts first seen in the compressed part)."""
+    known = set(raw) | common
+    evidence_tokens, marks = set(evidence), []
+    for token in target:
+        marks.append(token in evidence_tokens and token not in known)
+        known.add(token)
+    return marks
 
 
 PLACEHOLDER = "\u0000DOCUMENTS\u0000"

@@ -22,7 +22,8 @@ Ablation objectives (``objective``): ``autoencode`` (chunk i's tokens from its o
 whose loss only content can lower: each sample's earlier chunks are the evidence, read only compressed, and the
 target is the first ``target_tokens`` of its last chunk (or, with probability ``reconstruct``, the evidence itself),
 with the next-token loss (``ce``), distillation from the LLM reading the evidence raw (``distill``) and a hinge
-against another sample's rows at the same k (``contrast``, ``margin``). The loop is nanoGPT-shaped: one readable function,
+against another sample's rows at the same k (``contrast``, ``margin``); ``focus`` weighs more the target tokens that
+only the evidence tells (``text.evidence_only``). The loop is nanoGPT-shaped: one readable function,
 checkpoints with exact resume (plug-in tensors, optimizer, scheduler, RNG, data position).
 """
 
@@ -51,13 +52,14 @@ from .embedder import WEIGHTS_NAME, EmbedderConfig, ExtensibleEmbedder
 from .errors import UserError
 from .models import load_llm
 from .reading import ReadingSample, ReadingWeights, logits_at, reading_loss
+from .text import common_tokens, evidence_only
 
 OBJECTIVES = ("ar", "autoencode", "continuation", "read")
 # A resume must agree on these; the rest (steps, save/eval cadence) may change between runs.
 SHAPE_FIELDS = ("model", "data", "exclude", "num_layers", "lora_rank", "chunk_size", "sample_tokens", "ks",
                 "objective", "downscale", "lr", "warmup", "batch_size", "grad_accum", "seed", "weight_decay",
                 "recent_chunks", "init_from", "row_mlp", "row_base", "target_tokens", "reconstruct", "ce", "distill",
-                "contrast", "margin", "contrast_own_only", "k_curriculum")
+                "contrast", "margin", "contrast_own_only", "k_curriculum", "focus")
 
 
 @dataclass
@@ -86,6 +88,7 @@ class TrainConfig:
     contrast: float = 0.0
     margin: float = 0.1
     contrast_own_only: bool = False  # the hinge's gradient reaches the own reading only
+    focus: float = 0.0  # extra weight of the target tokens only the evidence can tell (evidence_only)
     lr: float = 1e-4
     warmup: int = 0
     weight_decay: float = 0.0
@@ -124,6 +127,8 @@ class TrainConfig:
             raise UserError(f"--k-curriculum must be >= 0 steps, got {self.k_curriculum}")
         if not 0 <= self.reconstruct <= 1 or min(self.ce, self.distill, self.contrast) < 0:
             raise UserError("--reconstruct must be in 0..1 and the loss weights --ce, --distill, --contrast >= 0")
+        if self.focus < 0 or (self.focus and self.objective != "read"):
+            raise UserError(f"--focus must be >= 0 and applies to the read objective only, got {self.focus}")
         if self.init_from:
             self.init_from = str(Path(self.init_from).resolve())
 
@@ -206,19 +211,34 @@ def padded_batch_loss(llm, inputs: torch.Tensor, rows: torch.Tensor, cols: torch
 
 
 def book_reading_samples(ids: torch.Tensor, chunk_size: int, target_tokens: int, reconstruct: list[bool],
-                         recent: list[int] | None = None) -> list[ReadingSample]:
+                         recent: list[int] | None = None, focus: float = 0.0,
+                         common: set[int] = frozenset()) -> list[ReadingSample]:
     """The read objective's samples from book samples ``ids`` [B, S]: the chunks before the last are the evidence;
     the target is the first ``target_tokens`` of the last chunk, or the evidence itself where ``reconstruct``.
     ``recent`` r per sample keeps the r chunks before the last raw, between the evidence and the target, as the
-    sliding layout reads a long text (a reconstruction has none)."""
+    sliding layout reads a long text (a reconstruction has none). ``focus`` f weighs the continuation's
+    evidence-only tokens 1 + f."""
     samples = []
     for row, again, r in zip(ids.tolist(), reconstruct, recent or [0] * len(reconstruct)):
         chunks = [row[i : i + chunk_size] for i in range(0, len(row), chunk_size)]
         split = len(chunks) - 1 - (0 if again else r)
         evidence, raw = chunks[:split], [t for chunk in chunks[split:-1] for t in chunk]
         target = [t for chunk in evidence for t in chunk] if again else chunks[-1][:target_tokens]
-        samples.append(ReadingSample([], evidence, raw, target))
+        weights = None
+        if focus and not again:
+            marks = evidence_only(target, [t for chunk in evidence for t in chunk], raw, common)
+            weights = [1.0 + focus * mark for mark in marks]
+        samples.append(ReadingSample([], evidence, raw, target, weights))
     return samples
+
+
+@dataclass
+class BookBatch:
+    """A step's book samples and what each one drew."""
+    ids: torch.Tensor  # [B, S]
+    ks: list[int]
+    recent: list[int] | None  # raw chunks between the rows and the predicted text (None without --recent-chunks)
+    reconstruct: list[bool]  # the read objective: whether the target is the evidence itself
 
 
 def _rng_state() -> dict:
@@ -265,6 +285,7 @@ class Trainer:
             self.steps_before = source.trained_steps
         self.data = PackedTokens(self.tokenizer, config.data, config.sample_tokens, self.out / "cache",
                                  exclude=tuple(config.exclude), progress=progress)
+        self.common_tokens = common_tokens([self.data.tokens]) if config.focus else set()
         trainable = [p for p in self.embedder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup, config.steps)
@@ -352,9 +373,8 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
-    def next_batch(self) -> tuple[torch.Tensor, list[int], list | tuple | None]:
-        """(ids [B, S], k per sample, the objective's per-sample draws: raw recent chunks for ar; for read, whether
-        to reconstruct and the raw recent chunks)."""
+    def next_batch(self) -> BookBatch:
+        """The next book samples and each one's draws."""
         config, world = self.config, self.accelerator.num_processes
         rows = []
         for _ in range(config.batch_size):
@@ -363,28 +383,27 @@ class Trainer:
             rows.append(self.data[int(sample_order(len(self.data), config.seed, epoch)[position])])
             self.samples_seen += 1
         ks = [random.choice(self.current_ks()) for _ in rows]
-        # Drawn only when asked for, so that runs without recent chunks keep their random stream (and exact resume).
-        draws = [random.randint(0, config.recent_chunks) for _ in rows] if config.recent_chunks else None
-        if config.objective == "read":
-            again = [random.random() < config.reconstruct for _ in rows] if config.reconstruct else [False] * len(rows)
-            draws = (again, draws)
-        return torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks, draws
+        # Drawn only when asked for, so that runs without them keep their random stream (and exact resume).
+        recent = [random.randint(0, config.recent_chunks) for _ in rows] if config.recent_chunks else None
+        reconstruct = [random.random() < config.reconstruct for _ in rows] \
+            if config.objective == "read" and config.reconstruct else [False] * len(rows)
+        return BookBatch(torch.from_numpy(np.stack(rows)).to(self.accelerator.device), ks, recent, reconstruct)
 
     def current_ks(self) -> list[int]:
         """The ks a sample may draw now (``--k-curriculum``)."""
         return curriculum_ks(self.config.ks, self.step, self.config.k_curriculum)
 
-    def book_loss(self, ids: torch.Tensor, ks: list[int],
-                  draws: list | tuple | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def book_loss(self, batch: BookBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss on the book samples and, for the read objective, its measurements (own - foreign, KL, ...)."""
         config = self.config
         if config.objective != "read":
-            return two_stream_loss(self.llm, self.embedder, ids, ks, config.chunk_size, config.objective,
-                                   config.downscale, draws), {}
+            return two_stream_loss(self.llm, self.embedder, batch.ids, batch.ks, config.chunk_size, config.objective,
+                                   config.downscale, batch.recent), {}
         weights = ReadingWeights(config.ce, config.distill, config.contrast, config.margin,
                                  config.contrast_own_only)
-        samples = book_reading_samples(ids, config.chunk_size, config.target_tokens, *draws)
-        return reading_loss(self.llm, self.embedder, samples, ks, config.chunk_size, weights, config.downscale)
+        samples = book_reading_samples(batch.ids, config.chunk_size, config.target_tokens, batch.reconstruct,
+                                       batch.recent, config.focus, self.common_tokens)
+        return reading_loss(self.llm, self.embedder, samples, batch.ks, config.chunk_size, weights, config.downscale)
 
     def train(self, until: int | None = None, max_minutes: float | None = None) -> dict:
         """Trains to ``config.steps``; stops early (with a checkpoint) at step ``until`` or after ``max_minutes``.
@@ -407,9 +426,9 @@ class Trainer:
             start = time.perf_counter()
             total, parts = 0.0, {}
             for _ in range(config.grad_accum):
-                ids, ks, draws = self.next_batch()
+                batch = self.next_batch()
                 with self.accelerator.accumulate(self.embedder), self.accelerator.autocast():
-                    book_loss, book_metrics = self.book_loss(ids, ks, draws)
+                    book_loss, book_metrics = self.book_loss(batch)
                     losses = {"books": book_loss}
                     losses.update({o.name: o.loss(llm, self.embedder) for o in self.objectives})
                     loss = sum(losses.values())

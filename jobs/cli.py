@@ -101,9 +101,9 @@ def cmd_eval_ppl(args) -> None:
     documents = {name: tokenize(lm.tokenizer, text) for name, (_, text) in zip(names, sources)}
     if not documents:
         raise UserError(f"no readable UTF-8 text in {' '.join(args.data)}")
-    rows, per_sample = evaluate(Protocol(lm), documents, sorted(args.context), methods, tail=args.tail,
-                                per_document=args.samples, seed=args.seed)
-    report = markdown_report(rows, per_sample)
+    rows, per_sample, per_sample_far = evaluate(Protocol(lm), documents, sorted(args.context), methods,
+                                                tail=args.tail, per_document=args.samples, seed=args.seed)
+    report = markdown_report(rows, per_sample, per_sample_far=per_sample_far)
     print(report)
     if args.json:
         out = write_rows(args.json, rows, report)

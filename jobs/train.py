@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--contrast-own-only", action="store_true",
                       help="the hinge moves only the own reading (the foreign one is a fixed target), so it cannot be "
                            "met by making other documents' rows worse")
+    read.add_argument("--focus", type=float, default=0.0,
+                      help="extra weight of the continuation's tokens that only the evidence tells (in it, not in the "
+                           "raw text, not among the training text's most frequent tokens): 1 + F each")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)

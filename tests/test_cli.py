@@ -109,7 +109,7 @@ def test_eval_ppl_names_every_document_apart(tmp_path, tiny_args, monkeypatch):
 
     def fake_evaluate(protocol, documents, *args, **kwargs):
         seen.update(documents)
-        return [], {}
+        return [], {}, {}
 
     monkeypatch.setattr(extensible.evaluate, "evaluate", fake_evaluate)
     assert eval_ppl(tmp_path, tiny_args, "window") == 0

@@ -8,8 +8,8 @@ import torch
 
 from extensible import UserError
 from extensible.evaluate import (Protocol, bootstrap_interval, document_names, donor_span, draw_samples, evaluate,
-                                 markdown_report, parse_methods)
-from extensible.text import shared_shingles, shingles
+                                 far_tokens, markdown_report, parse_methods)
+from extensible.text import common_tokens, shared_shingles, shingles
 from jobs.cli import main
 
 
@@ -79,26 +79,39 @@ def test_a_donor_span_never_repeats_the_samples_text():
         donor_span({"a": short, "copy": short.clone()}, draw_samples({"a": short}, 60, 32, 1)[0], 60)
 
 
+def test_far_tokens_are_first_seen_before_the_window():
+    ids = torch.tensor([7, 8, 9, 5, 6, 6, 7, 9, 8, 7, 9, 3, 8])  # 4 before a 4-token window, then a 5-token tail
+    # 8 is first seen before the window (once: its repeat is in the tail), 7 is common, 9 in the window, 3 new
+    assert far_tokens(ids, tail=5, window=4, common={7}).tolist() == [True, False, False, False, False]
+    assert common_tokens([ids, torch.tensor([7, 7, 8])], 2) == {7, 8}  # 5, 4 and 3 of 7, 8 and 9
+
+
 def test_foreign_reads_the_donor_rows_and_only_them(tiny_lm):
     docs = library()
-    rows, per_sample = evaluate(Protocol(tiny_lm), docs, [50, 200], ["window", "full", "ext:4", "foreign:ext:4"],
-                                tail=32, per_document=2, progress=False)
+    rows, per_sample, far = evaluate(Protocol(tiny_lm), docs, [50, 200], ["window", "full", "ext:4", "foreign:ext:4"],
+                                     tail=32, per_document=2, progress=False, common=5)
     assert ("foreign:ext:4", 200) in {(row["method"], row["context"]) for row in rows}
     for i, sample in enumerate(draw_samples(docs, 200, 32, 2)):  # 232 tokens at k=4: 12 chunks compressed
         donor = donor_span(docs, sample, 200)
         expected = tiny_lm.score(sample.ids, 32, 4, full=tiny_lm.encode(donor)).mean_nll
         assert per_sample[("foreign:ext:4", 200)][i] == expected
+        mask = far_tokens(sample.ids, 32, tiny_lm.window, common_tokens(docs.values(), 5))
+        own = tiny_lm.score(sample.ids, 32, 4).token_nll
+        assert mask.any() and far[("ext:4", 200)][i] == pytest.approx(own[mask].mean().item(), rel=1e-6)
     assert not np.allclose(per_sample[("foreign:ext:4", 200)], per_sample[("ext:4", 200)])
     # 82 tokens fit the 96-token window: nothing is compressed, so nothing is foreign
     assert np.array_equal(per_sample[("foreign:ext:4", 50)], per_sample[("ext:4", 50)])
     report = markdown_report(rows, per_sample)
     row = next(line for line in report.splitlines() if line.startswith("| ext:4 - foreign:ext:4 | 200 |"))
     assert row.endswith("% |") and "nats/token" in report
+    report = markdown_report(rows, per_sample, per_sample_far=far)
+    with_far = int((~np.isnan(far[("ext:4", 200)])).sum())  # the samples the far content is measured on
+    assert f"| ext:4 - foreign:ext:4 | 200 | {with_far} |" in report and "On the far tokens" in report
 
 
 def test_recall_scores_the_tail_after_its_own_or_the_donors_rows(tiny_lm):
     docs = library()
-    rows, per_sample = evaluate(Protocol(tiny_lm), docs, [50], ["recall:4", "foreign:recall:4"], tail=40,
+    rows, per_sample, _ = evaluate(Protocol(tiny_lm), docs, [50], ["recall:4", "foreign:recall:4"], tail=40,
                                 per_document=2, progress=False)
     embed = tiny_lm.llm.get_input_embeddings()
     for i, sample in enumerate(draw_samples(docs, 50, 40, 2)):
@@ -145,7 +158,7 @@ def test_evaluate_rows_report_and_skips(tiny_lm):
     protocol = Protocol(tiny_lm)
     assert "exceed the LLM's 2048 positions" in protocol.applicable("full", 2132)
     assert protocol.applicable("pi", 2132) is None
-    rows, per_sample = evaluate(protocol, documents(), [200, 1000], ["window", "full", "streaming", "pi", "ntk",
+    rows, per_sample, _ = evaluate(protocol, documents(), [200, 1000], ["window", "full", "streaming", "pi", "ntk",
                                 "ext:4", "ext:adaptive"], tail=32, per_document=2, progress=False)
     got = {(row["method"], row["context"]) for row in rows}
     assert {("pi", 1000), ("ntk", 1000), ("ext:adaptive", 1000), ("window", 200), ("full", 1000)} <= got
@@ -174,7 +187,8 @@ def test_cli_eval_ppl_writes_json_table_and_plot(tmp_path, tiny_path):
             "--chunk", "16", "--layers", "2", "--untrained"]
     assert main(argv) == 0
     rows = json.loads(out.read_text())
-    assert {tuple(sorted(row)) for row in rows} == {("context", "k", "method", "ppl", "samples", "seconds", "tokens")}
+    assert {tuple(sorted(row)) for row in rows} == {("context", "far_nll", "far_tokens", "k", "method", "ppl", "samples",
+                                                    "seconds", "tokens")}
     assert out.with_suffix(".png").stat().st_size > 1000 and "| window |" in out.with_suffix(".md").read_text()
     argv[argv.index("--methods") + 1] = "window,ext:0"
     assert main(argv) == 2

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from extensible import EmbedderConfig, ExtensibleEmbedder, UserError
 from extensible.downscale import downscale_chunk
 from extensible.reading import ReadingSample, ReadingWeights, foreign_rows, reading_loss
+from extensible.text import evidence_only
 from extensible.training import book_reading_samples
 from jobs.read_recipe import main as read_recipe
 from jobs.report import plot_content_gap
@@ -121,6 +122,37 @@ def test_book_samples_keep_recent_chunks_raw_between_the_evidence_and_the_target
     assert again.evidence == [list(range(64, 80)), list(range(80, 96)), list(range(96, 112))] and again.after == []
 
 
+def test_evidence_only_tokens_are_first_seen_in_the_evidence():
+    # 5 is in the evidence only; 6 also in the raw text; 7 common; 8 nowhere before; the second 5 is a copy
+    assert evidence_only([5, 6, 7, 8, 5], evidence=[5, 6, 7], raw=[6], common={7}) == [True, False, False, False, False]
+    ids = torch.arange(64).view(1, 64)
+    ids[0, 60] = 3  # the target (chunk 3) repeats a token of the evidence (chunk 0), not of the raw chunks 1-2
+    (sample,) = book_reading_samples(ids, 16, 16, [False], recent=[2], focus=4.0, common=set())
+    assert sample.weights == [5.0 if i == 12 else 1.0 for i in range(16)]
+    (again,) = book_reading_samples(ids, 16, 16, [True], focus=4.0, common=set())
+    assert again.weights is None  # a reconstruction's target is the evidence itself
+
+
+def test_token_weights_weigh_the_next_token_loss_and_the_focus_control(tiny, embedder):
+    llm, tokenizer = tiny
+    samples = samples_of(tokenizer, 2)
+    weights = ReadingWeights(ce=1, distill=0, contrast=0)
+
+    def loss_with(first: float, rest: float):  # each sample's first target token weighs `first`, the others `rest`
+        for sample in samples:
+            sample.weights = [first] + [rest] * (len(sample.target) - 1)
+        with torch.no_grad():
+            return reading_loss(llm, embedder, samples, [4, 4], 16, weights)
+
+    plain, plain_metrics = loss_with(1.0, 1.0)
+    first_only, _ = loss_with(1.0, 0.0)  # the mean NLL of the two first tokens
+    weighted, metrics = loss_with(3.0, 1.0)
+    tokens = sum(len(s.target) for s in samples)
+    assert weighted.item() == pytest.approx((plain.item() * tokens + 2 * 2 * first_only.item()) / (tokens + 4), rel=1e-4)
+    assert metrics["own_minus_foreign"] == pytest.approx(plain_metrics["own_minus_foreign"], abs=1e-5)  # unweighted
+    assert "focus_own_minus_foreign" in metrics and "focus_own_minus_foreign" not in plain_metrics
+
+
 def qa_file(tmp_path, documents: int = 3):
     records = [{"input": f"{words(d, 60)} The key was hidden under stone {d}. {words(d + 50, 60)}",
                 "instructions": ["Where was the key?"], "outputs": [f"under stone {d}"],
@@ -191,7 +223,7 @@ def test_a_read_run_with_recent_raw_chunks_resumes_exactly(tiny_path, tmp_path):
     (books / "two.txt").write_text(words(4, 400))
     tiny = ["--model", str(tiny_path), "--init-from", "", "--data", str(books), "--exclude", "--qa", "--layers", "2",
             "--chunk", "32", "--sample-tokens", "128", "--recent-chunks", "2", "--reconstruct", "0.5",
-            "--target-tokens", "8", "--ks", "4", "--row-mlp", "16", "--batch-size", "2", "--steps", "3",
+            "--target-tokens", "8", "--focus", "4", "--ks", "4", "--row-mlp", "16", "--batch-size", "2", "--steps", "3",
             "--save-every", "1"]
     assert read_recipe([*tiny, "--out", str(tmp_path / "straight")]) == 0
     assert read_recipe([*tiny, "--out", str(tmp_path / "resumed"), "--stop-at", "1"]) == 0
@@ -199,7 +231,7 @@ def test_a_read_run_with_recent_raw_chunks_resumes_exactly(tiny_path, tmp_path):
     a, b = (load_file(tmp_path / run / "checkpoint" / "plugin" / "embedder.safetensors") for run in ("straight", "resumed"))
     assert all(torch.equal(a[key], b[key]) for key in a)
     recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
-    assert recorded["objective"] == "read" and recorded["recent_chunks"] == 2
+    assert recorded["objective"] == "read" and recorded["recent_chunks"] == 2 and recorded["focus"] == 4
 
 
 def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):
@@ -213,6 +245,8 @@ def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):
         TrainConfig(**base, row_mlp=-1)
     with pytest.raises(UserError, match="--target-tokens must be in 1..16"):
         TrainConfig(**{**base, "target_tokens": 17})
+    with pytest.raises(UserError, match="--focus must be >= 0 and applies to the read objective only"):
+        TrainConfig(**{**base, "objective": "ar", "focus": 1.0})
 
 
 def test_the_recall_recipe_is_reconstruction_only_and_excludes_the_gpu_sizing(capsys):

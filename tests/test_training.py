@@ -143,9 +143,9 @@ def test_the_k_curriculum_opens_the_ks_smallest_first(tiny_path, book_folder, tm
         [[2], [2], [2, 4, 4], [2, 4, 4], [2, 4, 4, 8], [2, 4, 4, 8], [2, 4, 4, 8], [2, 4, 4, 8]]
     assert curriculum_ks(ks, 0, 0) == ks
     trainer = Trainer(config(tiny_path, book_folder, tmp_path / "run", ks=[2, 8], k_curriculum=2), progress=False)
-    assert {k for _ in range(10) for k in trainer.next_batch()[1]} == {2}
+    assert {k for _ in range(10) for k in trainer.next_batch().ks} == {2}
     trainer.step = 1
-    assert {k for _ in range(20) for k in trainer.next_batch()[1]} == {2, 8}
+    assert {k for _ in range(20) for k in trainer.next_batch().ks} == {2, 8}
 
 
 def test_bad_training_input_is_refused(tiny_path, tmp_path):

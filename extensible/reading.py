@@ -17,7 +17,7 @@ through a learned prompt, which the third term cancels:
   ``contrast_own_only`` takes the foreign NLL as a fixed target so that only the own reading can move.
 
 A sample's ``weights`` (one per target token) weigh all three terms, e.g. to put the loss on the tokens that only
-the evidence can tell (``extensible.training.evidence_only``).
+the evidence can tell (``extensible.text.evidence_only``).
 
 The metrics are the foreign control of eval-ppl and eval-qa measured on the training stream: ``own_minus_foreign``
 below zero means the rows carry their document (``focus_own_minus_foreign``: on the tokens weighted above 1).

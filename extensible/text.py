@@ -35,7 +35,7 @@ COMMON_TOKENS = 1000
 def common_tokens(texts, n: int = COMMON_TOKENS) -> set[int]:
     """The ``n`` most frequent token ids over ``texts`` (arrays or tensors of ids)."""
     counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in texts]))
-    return set(np.argsort(counts, kind="stable")[len(counts) - n :].tolist()) if n > 0 else set()
+    return set(np.argsort(counts, kind="stable")[max(0, len(counts) - n) :].tolist()) if n > 0 else set()
 
 
 def evidence_only(target: list[int], evidence: list[int], raw: list[int], common: set[int]) -> list[bool]:

@@ -390,8 +390,8 @@ def _far_rows(rows: list[dict], per_sample_far: dict) -> list[str]:
     scored = [row for row in rows if row.get("far_tokens")]
     if not scored:
         return []
-    lines = ["", "On the far tokens (those only the text before the window can tell: names, rare words), mean NLL in "
-             "nats/token:", "", "| method | context | far tokens | far NLL |", "|---|---:|---:|---:|"]
+    lines = ["", "On the far tokens (those only the text before the window can tell: names, rare words), the mean NLL "
+             "of all of them pooled, in nats/token:", "", "| method | context | far tokens | far NLL |", "|---|---:|---:|---:|"]
     lines += [f"| {row['method']} | {row['context']} | {row['far_tokens']} | {row['far_nll']:.3f} |" for row in scored]
     pairs = [(method[len(FOREIGN) :], context) for method, context in per_sample_far if method.startswith(FOREIGN)]
     pairs = [(ext, c) for ext, c in pairs if ext.startswith("ext:") and (ext, c) in per_sample_far]

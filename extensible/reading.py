@@ -138,7 +138,8 @@ def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chu
     own_tokens = sum(len(t) for t in targets)
     own_nll = _per_sample(nll[:own_tokens], weights_of, targets)
     loss = weights.ce * (nll[:own_tokens] * weights_of).sum() / weights_of.sum()
-    metrics = {"own_nll": own_nll.mean().item()}
+    ones = torch.ones_like(weights_of)  # the measurements stay unweighted: comparable across runs
+    metrics = {"own_nll": _per_sample(nll[:own_tokens].detach(), ones, targets).mean().item()}
     if foreign:
         if contrast:
             foreign_token_nll = nll[own_tokens:]
@@ -148,8 +149,7 @@ def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chu
         foreign_nll = _per_sample(foreign_token_nll, weights_of, targets)
         gap = own_nll - foreign_nll  # what the rows' content adds (negative = it helps)
         token_gap = (nll[:own_tokens] - foreign_token_nll).detach()
-        # unweighted, comparable across runs
-        metrics["own_minus_foreign"] = _per_sample(token_gap, torch.ones_like(weights_of), targets).mean().item()
+        metrics["own_minus_foreign"] = _per_sample(token_gap, ones, targets).mean().item()
         if (focused := weights_of > 1).any():
             metrics["focus_own_minus_foreign"] = token_gap[focused].mean().item()
         if contrast:

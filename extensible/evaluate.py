@@ -299,7 +299,7 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
                 bar.write(f"skip {method} at context {context}: {reason}")
                 bar.update()
                 continue
-            nll, far, far_sum, tokens, seconds = [], [], 0.0, 0, 0.0
+            nll, far, far_nlls, tokens, seconds = [], [], [], 0, 0.0
             for i, sample in enumerate(samples[context]):
                 start = time.perf_counter()
                 donor = donors[context][i] if method.startswith(FOREIGN) else None
@@ -308,16 +308,16 @@ def evaluate(protocol: Protocol, documents: dict[str, torch.Tensor], contexts: l
                 nll.append(score.nll / score.tokens)
                 tokens += score.tokens
                 # far tokens are a measure of the methods that score the whole tail (not recall's whole chunks)
-                mask = far_masks[context][i] if score.tokens == tail else torch.zeros(0, dtype=torch.bool)
-                far.append(float(score.token_nll[mask].mean()) if mask.any() else math.nan)
-                far_sum += float(score.token_nll[mask].sum()) if mask.any() else 0.0
+                mask = far_masks[context][i] if score.tokens == tail else torch.zeros(score.tokens, dtype=torch.bool)
+                far_nlls.append(score.token_nll[mask])
+                far.append(float(far_nlls[-1].mean()) if mask.any() else math.nan)
             per_sample[(method, context)] = np.array(nll)
             per_sample_far[(method, context)] = np.array(far)
-            n_far = sum(int(m.sum()) for m in far_masks[context]) if not np.isnan(far).all() else 0
+            pooled = torch.cat(far_nlls)
             rows.append({"method": method, "context": context, "k": protocol.k_for(method, context + tail),
                          "ppl": math.exp(float(np.mean(nll))), "tokens": tokens, "seconds": round(seconds, 2),
-                         "samples": len(samples[context]), "far_tokens": n_far,
-                         "far_nll": far_sum / n_far if n_far else None})
+                         "samples": len(samples[context]), "far_tokens": len(pooled),
+                         "far_nll": float(pooled.mean()) if len(pooled) else None})
             bar.update()  # after the job, so the bar reaches its end when the last one is done
     bar.close()
     return rows, per_sample, per_sample_far
@@ -391,7 +391,8 @@ def _far_rows(rows: list[dict], per_sample_far: dict) -> list[str]:
     if not scored:
         return []
     lines = ["", "On the far tokens (those only the text before the window can tell: names, rare words), the mean NLL "
-             "of all of them pooled, in nats/token:", "", "| method | context | far tokens | far NLL |", "|---|---:|---:|---:|"]
+             "of all of them pooled, in nats/token:", "",
+             "| method | context | far tokens | far NLL |", "|---|---:|---:|---:|"]
     lines += [f"| {row['method']} | {row['context']} | {row['far_tokens']} | {row['far_nll']:.3f} |" for row in scored]
     pairs = [(method[len(FOREIGN) :], context) for method, context in per_sample_far if method.startswith(FOREIGN)]
     pairs = [(ext, c) for ext, c in pairs if ext.startswith("ext:") and (ext, c) in per_sample_far]

@@ -109,10 +109,14 @@ def _nll(llm, sequences: list[list[torch.Tensor]], targets: list[list[int]]) -> 
     return logits, F.cross_entropy(logits, ids, reduction="none")
 
 
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum() / weights.sum()
+
+
 def _per_sample(nll: torch.Tensor, weights: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
     """Each sample's weighted mean over its target tokens."""
     sizes = [len(t) for t in targets]
-    return torch.stack([(n * w).sum() / w.sum() for n, w in zip(nll.split(sizes), weights.split(sizes))])
+    return torch.stack([_weighted_mean(n, w) for n, w in zip(nll.split(sizes), weights.split(sizes))])
 
 
 def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chunk_size: int,
@@ -137,7 +141,7 @@ def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chu
     logits, nll = _nll(llm, own + (foreign if contrast else []), targets * (2 if contrast else 1))
     own_tokens = sum(len(t) for t in targets)
     own_nll = _per_sample(nll[:own_tokens], weights_of, targets)
-    loss = weights.ce * (nll[:own_tokens] * weights_of).sum() / weights_of.sum()
+    loss = weights.ce * _weighted_mean(nll[:own_tokens], weights_of)
     ones = torch.ones_like(weights_of)  # the measurements stay unweighted: comparable across runs
     metrics = {"own_nll": _per_sample(nll[:own_tokens].detach(), ones, targets).mean().item()}
     if foreign:
@@ -162,8 +166,8 @@ def reading_loss(llm, embedder, samples: list[ReadingSample], ks: list[int], chu
             teacher_logits, teacher_nll = _nll(llm, teacher, targets)
             teacher_logprobs = torch.log_softmax(teacher_logits, dim=-1)
         student_logprobs = torch.log_softmax(logits[:own_tokens], dim=-1)
-        kl = F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="none").sum(-1)
-        kl = (kl * weights_of).sum() / weights_of.sum()
+        kl = _weighted_mean(F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="none").sum(-1),
+                            weights_of)
         loss = loss + weights.distill * kl
         metrics.update(kl=kl.item(), teacher_nll=teacher_nll.mean().item())
     return loss, metrics

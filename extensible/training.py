@@ -223,11 +223,11 @@ def book_reading_samples(ids: torch.Tensor, chunk_size: int, target_tokens: int,
         chunks = [row[i : i + chunk_size] for i in range(0, len(row), chunk_size)]
         split = len(chunks) - 1 - (0 if again else r)
         evidence, raw = chunks[:split], [t for chunk in chunks[split:-1] for t in chunk]
-        target = [t for chunk in evidence for t in chunk] if again else chunks[-1][:target_tokens]
+        evidence_tokens = [t for chunk in evidence for t in chunk]
+        target = evidence_tokens if again else chunks[-1][:target_tokens]
         weights = None
         if focus and not again:
-            marks = evidence_only(target, [t for chunk in evidence for t in chunk], raw, common)
-            weights = [1.0 + focus * mark for mark in marks]
+            weights = [1.0 + focus * mark for mark in evidence_only(target, evidence_tokens, raw, common)]
         samples.append(ReadingSample([], evidence, raw, target, weights))
     return samples
 

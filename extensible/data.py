@@ -100,3 +100,21 @@ class PackedTokens:
     def __getitem__(self, index: int) -> np.ndarray:
         start = index * self.sample_tokens
         return np.asarray(self.tokens[start : start + self.sample_tokens], dtype=np.int64)
+
+
+def spread_samples(tokenizer, sources: list[str], sample_tokens: int, per_document: int,
+                   text_column: str = "text") -> np.ndarray:
+    """The same number of samples of ``sample_tokens`` (``per_document``, or fewer where a document is shorter)
+    evenly spaced through each document of ``sources`` that holds one, interleaved across documents ([A1, B1, C1,
+    A2, ...]) so that each sample's neighbour (the last one's: the first) is another document's: a fixed held-out set
+    whose foreign control pairs each sample with the next."""
+    documents = [np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+                 for _, text in iter_documents(expand_sources(sources), text_column)]
+    documents = [ids for ids in documents if len(ids) >= sample_tokens]
+    if len(documents) < 2:
+        raise UserError(f"{' '.join(sources)}: the held-out set needs two documents of at least {sample_tokens} "
+                        "tokens (a sample's foreign control is another document's)")
+    count = min(per_document, *(len(ids) // sample_tokens for ids in documents))
+    spread = [[ids[s : s + sample_tokens] for s in
+               np.linspace(0, (len(ids) // sample_tokens - 1) * sample_tokens, count).astype(int)] for ids in documents]
+    return np.stack([by_document[i] for i in range(count) for by_document in spread])

@@ -23,8 +23,10 @@ whose loss only content can lower: each sample's earlier chunks are the evidence
 target is the first ``target_tokens`` of its last chunk (or, with probability ``reconstruct``, the evidence itself),
 with the next-token loss (``ce``), distillation from the LLM reading the evidence raw (``distill``) and a hinge
 against another sample's rows at the same k (``contrast``, ``margin``); ``focus`` weighs more the target tokens that
-only the evidence tells (``text.evidence_only``). The loop is nanoGPT-shaped: one readable function,
-checkpoints with exact resume (plug-in tensors, optimizer, scheduler, RNG, data position).
+only the evidence tells (``text.evidence_only``). ``val_every`` measures the read objective on documents the run
+never trains on (``val_data``): own - foreign at each k, the held-out curve of the content the rows carry. The loop is
+nanoGPT-shaped: one readable function, checkpoints with exact resume (plug-in tensors, optimizer, scheduler, RNG, data
+position).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .data import PackedTokens
+from .data import PackedTokens, spread_samples
 from .downscale import downscale_chunk
 from .embedder import WEIGHTS_NAME, EmbedderConfig, ExtensibleEmbedder
 from .errors import UserError
@@ -100,10 +102,15 @@ class TrainConfig:
     save_every: int = 25
     log_every: int = 1
     seed: int = 0
+    # held-out documents whose read objective is measured every val_every steps (0: never), per_document samples each
+    val_data: list[str] = field(default_factory=list)
+    val_every: int = 0
+    val_samples: int = 4
 
     def __post_init__(self):
         # Absolute paths, so that a resume from another working directory is recognised as the same data.
         self.data = [str(Path(d).resolve()) if Path(d).exists() else d for d in self.data]
+        self.val_data = [str(Path(d).resolve()) if Path(d).exists() else d for d in self.val_data]
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.sample_tokens % self.chunk_size or self.sample_tokens < 2 * self.chunk_size:
@@ -129,6 +136,12 @@ class TrainConfig:
             raise UserError("--reconstruct must be in 0..1 and the loss weights --ce, --distill, --contrast >= 0")
         if self.focus < 0 or (self.focus and self.objective != "read"):
             raise UserError(f"--focus must be >= 0 and applies to the read objective only, got {self.focus}")
+        if self.val_every < 0 or self.val_samples < 1:
+            raise UserError(f"--val-every must be >= 0 and --val-samples >= 1, got {self.val_every} and "
+                            f"{self.val_samples}")
+        if self.val_every and (self.objective != "read" or not self.val_data):
+            raise UserError("--val-every measures the read objective on --val-data: it needs --objective read and "
+                            "--val-data")
         if self.init_from:
             self.init_from = str(Path(self.init_from).resolve())
 
@@ -286,6 +299,8 @@ class Trainer:
         self.data = PackedTokens(self.tokenizer, config.data, config.sample_tokens, self.out / "cache",
                                  exclude=tuple(config.exclude), progress=progress)
         self.common_tokens = common_tokens([self.data.tokens]) if config.focus else set()
+        self.val_ids = spread_samples(self.tokenizer, config.val_data, config.sample_tokens, config.val_samples) \
+            if config.val_every else None
         trainable = [p for p in self.embedder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup, config.steps)
@@ -405,6 +420,30 @@ class Trainer:
                                        batch.recent, config.focus, self.common_tokens)
         return reading_loss(self.llm, self.embedder, samples, batch.ks, config.chunk_size, weights, config.downscale)
 
+    def validate(self) -> dict[str, float]:
+        """The read objective's measurements on the held-out samples, at each k of ``ks``, with the most raw chunks
+        between the rows and the target (where a long text's scored tokens sit): ``k64_own_minus_foreign`` is the
+        content the rows carry on text the run never trained on. Draws nothing at random (exact resume holds)."""
+        config, n = self.config, len(self.val_ids)
+        samples = book_reading_samples(torch.from_numpy(self.val_ids), config.chunk_size, config.target_tokens,
+                                       [False] * n, [config.recent_chunks] * n)
+        measured = {}
+        with torch.no_grad(), self.accelerator.autocast():
+            for k in sorted(set(config.ks)):
+                # no teacher: the own and the foreign readings are all it measures
+                _, metrics = reading_loss(self.llm, self.embedder, samples, [k] * n, config.chunk_size,
+                                          ReadingWeights(distill=0.0), config.downscale)
+                measured.update({f"k{k}_{name}": value for name, value in metrics.items()})
+        return measured
+
+    def _log_validation(self, writer, bar) -> None:
+        measured = self.validate()  # on every process: a wrapped embedder's forward may synchronise them
+        if writer is not None:
+            for name, value in measured.items():
+                writer.add_scalar(f"val/{name}", value, self.step)
+            bar.write(f"step {self.step} held out: " + ", ".join(
+                f"{name} {value:+.4f}" for name, value in measured.items() if name.endswith("minus_foreign")))
+
     def train(self, until: int | None = None, max_minutes: float | None = None) -> dict:
         """Trains to ``config.steps``; stops early (with a checkpoint) at step ``until`` or after ``max_minutes``.
 
@@ -422,6 +461,8 @@ class Trainer:
         last = {}
         stop_at = min(config.steps, until or config.steps)
         deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
+        if config.val_every and self.step == 0:  # the starting point of the held-out curve
+            self._log_validation(writer, bar)
         while self.step < stop_at:
             start = time.perf_counter()
             total, parts = 0.0, {}
@@ -458,6 +499,8 @@ class Trainer:
             # every process stops at the same step (one may reach the deadline first): saving is a collective
             out_of_time = bool(self.accelerator.reduce(
                 torch.tensor(float(time.monotonic() > deadline), device=self.accelerator.device), "max").item())
+            if config.val_every and self.step % config.val_every == 0:
+                self._log_validation(writer, bar)
             if self.step % config.save_every == 0 or self.step == stop_at or out_of_time:
                 self.save()
             if out_of_time:

@@ -21,18 +21,21 @@ STAGE3 = "runs/smollm2-lora32-k64/checkpoint/plugin"
 # Short samples (one 256-token chunk of evidence, 64 target tokens; a question's gold chunk and one distractor), so
 # that a step is cheap and the only copy of the evidence is its rows. Rows on the token base: they start as the kept
 # tokens, which the frozen LLM reads (runs/smollm2-read-c128-g: 3x the content gap of the hidden base); the hinge at
-# weight 2, margin 0.5 (runs/smollm2-read-c128-i: content recovered 0.37 -> 0.44, the own reading better too).
+# weight 2, margin 0.5 (runs/smollm2-read-c128-i: content recovered 0.37 -> 0.44, the own reading better too). The
+# held-out books measure the content as it trains (--val-every).
 RECIPE = [
-    "--data", BOOKS, "--exclude", *HELD_OUT, "--qa", "out/qa/squad_train.jsonl", f"{QA}/fairytaleqa_train.jsonl",
+    "--data", BOOKS, "--exclude", *HELD_OUT, "--val-data", *(f"{BOOKS}/{book}.txt" for book in HELD_OUT),
+    "--qa", "out/qa/squad_train.jsonl", f"{QA}/fairytaleqa_train.jsonl",
     "--init-from", STAGE3, "--lora-rank", "32", "--row-mlp", "576",
     "--row-base", "token",
     "--chunk", "256", "--sample-tokens", "512", "--target-tokens", "64", "--ks", "4", "8", "8", "16", "64",
     "--reconstruct", "0.25", "--distill", "1", "--contrast", "2", "--margin", "0.5", "--lr", "2e-4", "--warmup", "20",
 ]
-CPU = ["--batch-size", "2", "--qa-questions", "3", "--steps", "1000", "--save-every", "25", "--out", "runs/smollm2-read"]
+CPU = ["--batch-size", "2", "--qa-questions", "3", "--steps", "1000", "--save-every", "25", "--val-every", "100",
+       "--out", "runs/smollm2-read"]
 # One GPU, stopping itself (checkpointed) after 7 minutes, so that loading and the first steps fit in 8.
-GPU = ["--batch-size", "16", "--qa-questions", "16", "--steps", "3000", "--save-every", "200", "--max-minutes", "7",
-       "--out", "runs/smollm2-read-gpu"]
+GPU = ["--batch-size", "16", "--qa-questions", "16", "--steps", "3000", "--save-every", "200", "--val-every", "200",
+       "--max-minutes", "7", "--out", "runs/smollm2-read-gpu"]
 
 
 # Reconstruction only: the evidence chunk is the target, so only what its rows carry can lower the loss; book

@@ -201,7 +201,7 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     tiny = ["--gpu", "--model", str(tiny_path), "--init-from", "", "--data", str(books), "--exclude",
             "--qa", str(qa_file(tmp_path)), "--qa-questions", "2", "--layers", "2", "--chunk", "64",
             "--sample-tokens", "128", "--target-tokens", "8", "--ks", "2", "4", "--k-curriculum", "2", "--row-mlp", "16", "--batch-size", "2",
-            "--steps", "3", "--max-minutes", "60", "--save-every", "1"]
+            "--steps", "3", "--max-minutes", "60", "--save-every", "1", "--val-data", str(books), "--val-every", "2"]
     assert read_recipe([*tiny, "--out", str(tmp_path / "straight")]) == 0
     assert read_recipe([*tiny, "--out", str(tmp_path / "resumed"), "--stop-at", "1"]) == 0
     assert read_recipe([*tiny, "--out", str(tmp_path / "resumed")]) == 0
@@ -210,6 +210,7 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     assert all(torch.equal(a[key], b[key]) for key in a)
     gap = plot_content_gap(tmp_path / "resumed")  # the plot run() drew, over both invocations' TensorBoard files
     assert [step for step, _ in gap["qa_read_own_minus_foreign"]] == [1, 2, 3]
+    assert [step for step, _ in gap["val/k4_own_minus_foreign"]] == [0, 2]  # the held-out curve, across the resume
     assert (tmp_path / "resumed" / "content_gap.png").read_bytes()[:4] == b"\x89PNG"
     recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
     assert recorded["objective"] == "read" and recorded["objectives"]["qa_read"]
@@ -234,6 +235,41 @@ def test_a_read_run_with_recent_raw_chunks_resumes_exactly(tiny_path, tmp_path):
     recorded = json.loads((tmp_path / "straight" / "checkpoint" / "train_config.json").read_text())
     assert recorded["objective"] == "read" and recorded["recent_chunks"] == 2 and recorded["focus"] == 4
 
+    # the held-out measurement (--val-every) draws nothing at random: a run measured every step trains the same
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    (held_out / "three.txt").write_text(words(5, 400))
+    (held_out / "four.txt").write_text(words(6, 400))
+    val = ["--val-data", str(held_out), "--val-every", "1", "--val-samples", "2"]
+    assert read_recipe([*tiny, *val, "--out", str(tmp_path / "measured"), "--stop-at", "1"]) == 0
+    assert read_recipe([*tiny, *val, "--out", str(tmp_path / "measured")]) == 0
+    c = load_file(tmp_path / "measured" / "checkpoint" / "plugin" / "embedder.safetensors")
+    assert all(torch.equal(a[key], c[key]) for key in a)
+    gap = plot_content_gap(tmp_path / "measured")
+    assert [step for step, _ in gap["val/k4_own_minus_foreign"]] == [0, 1, 2, 3]  # from the plug-in it starts with
+    assert gap["val/k4_own_minus_foreign"][0][1] != gap["val/k4_own_minus_foreign"][-1][1]  # the plug-in moved
+
+
+def test_the_held_out_set_alternates_documents_so_that_the_next_sample_is_foreign(tiny, tmp_path):
+    from extensible.data import spread_samples
+
+    _, tokenizer = tiny
+    texts = {"a.txt": words(7, 300), "b.txt": words(8, 300), "c.txt": words(9, 8)}  # c holds no whole sample
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    ids = {name: tokenizer(text, add_special_tokens=False)["input_ids"] for name, text in texts.items()}
+    assert len(ids["c.txt"]) < 64
+    samples = spread_samples(tokenizer, [str(tmp_path)], 64, per_document=3)
+    assert samples.shape == (6, 64)
+    assert samples[0].tolist() == ids["a.txt"][:64] and samples[1].tolist() == ids["b.txt"][:64]  # a, b, a, b, ...
+    last = (len(ids["a.txt"]) // 64 - 1) * 64
+    assert samples[4].tolist() == ids["a.txt"][last : last + 64]  # spread to the document's last whole sample
+    (tmp_path / "d.txt").write_text(words(10, 30))  # two samples long: every document gives two
+    assert 2 * 64 <= len(tokenizer(words(10, 30), add_special_tokens=False)["input_ids"]) < 3 * 64
+    assert spread_samples(tokenizer, [str(tmp_path)], 64, per_document=3).shape == (6, 64)
+    with pytest.raises(UserError, match="needs two documents"):
+        spread_samples(tokenizer, [str(tmp_path / "a.txt"), str(tmp_path / "c.txt")], 64, per_document=3)
+
 
 def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):
     from extensible.training import TrainConfig
@@ -248,6 +284,10 @@ def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):
         TrainConfig(**{**base, "target_tokens": 17})
     with pytest.raises(UserError, match="--focus must be >= 0 and applies to the read objective only"):
         TrainConfig(**{**base, "objective": "ar", "focus": 1.0})
+    with pytest.raises(UserError, match="--val-every measures the read objective on --val-data"):
+        TrainConfig(**base, val_every=5)
+    with pytest.raises(UserError, match="--val-every must be >= 0"):
+        TrainConfig(**base, val_every=5, val_data=[str(tmp_path)], val_samples=0)
 
 
 def test_the_recall_recipe_is_reconstruction_only_and_excludes_the_gpu_sizing(capsys):

@@ -108,8 +108,10 @@ def spread_samples(tokenizer, sources: list[str], sample_tokens: int, per_docume
     evenly spaced through each document of ``sources`` that holds one, interleaved across documents ([A1, B1, C1,
     A2, ...]) so that each sample's neighbour (the last one's: the first) is another document's: a fixed held-out set
     whose foreign control pairs each sample with the next."""
+    # a file named twice (or by its folder too) is one document, not its own foreign control
+    files = list(dict.fromkeys(path.resolve() for path in expand_sources(sources)))
     documents = [np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-                 for _, text in iter_documents(expand_sources(sources), text_column)]
+                 for _, text in iter_documents(files, text_column)]
     documents = [ids for ids in documents if len(ids) >= sample_tokens]
     if len(documents) < 2:
         raise UserError(f"{' '.join(sources)}: the held-out set needs two documents of at least {sample_tokens} "

@@ -102,7 +102,8 @@ class TrainConfig:
     save_every: int = 25
     log_every: int = 1
     seed: int = 0
-    # held-out documents whose read objective is measured every val_every steps (0: never), per_document samples each
+    # held-out documents whose read objective is measured every val_every steps (0: never), val_samples from each
+    # (as many as the shortest one holds)
     val_data: list[str] = field(default_factory=list)
     val_every: int = 0
     val_samples: int = 4
@@ -422,8 +423,9 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """The read objective's measurements on the held-out samples, at each k of ``ks``, with the most raw chunks
-        between the rows and the target (where a long text's scored tokens sit): ``k64_own_minus_foreign`` is the
-        content the rows carry on text the run never trained on. Draws nothing at random (exact resume holds)."""
+        between the rows and the target (where a long text's scored tokens sit) and the continuation as the target
+        (never a reconstruction): ``k64_own_minus_foreign`` is the content the rows carry on text the run never trained
+        on. Draws nothing at random (exact resume holds)."""
         config, n = self.config, len(self.val_ids)
         samples = book_reading_samples(torch.from_numpy(self.val_ids), config.chunk_size, config.target_tokens,
                                        [False] * n, [config.recent_chunks] * n)
@@ -496,11 +498,11 @@ class Trainer:
                     writer.add_scalar(f"train/{name}", value, self.step)
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             bar.update()
+            if config.val_every and self.step % config.val_every == 0:  # inside --max-minutes' time
+                self._log_validation(writer, bar)
             # every process stops at the same step (one may reach the deadline first): saving is a collective
             out_of_time = bool(self.accelerator.reduce(
                 torch.tensor(float(time.monotonic() > deadline), device=self.accelerator.device), "max").item())
-            if config.val_every and self.step % config.val_every == 0:
-                self._log_validation(writer, bar)
             if self.step % config.save_every == 0 or self.step == stop_at or out_of_time:
                 self.save()
             if out_of_time:

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", nargs="*", default=[],
                    help="held-out documents (e.g. the --exclude'd books) whose read objective is measured")
     p.add_argument("--val-every", type=int, default=0, help="measure --val-data every this many steps (0: never)")
-    p.add_argument("--val-samples", type=int, default=4, help="evenly spaced samples per --val-data document")
+    p.add_argument("--val-samples", type=int, default=4,
+                   help="evenly spaced samples per --val-data document (as many as the shortest holds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpointed) after this long")
     p.add_argument("--stop-at", type=int, default=None, help="stop cleanly (checkpointed) at this step")

@@ -269,6 +269,8 @@ def test_the_held_out_set_alternates_documents_so_that_the_next_sample_is_foreig
     assert spread_samples(tokenizer, [str(tmp_path)], 64, per_document=3).shape == (6, 64)
     with pytest.raises(UserError, match="needs two documents"):
         spread_samples(tokenizer, [str(tmp_path / "a.txt"), str(tmp_path / "c.txt")], 64, per_document=3)
+    with pytest.raises(UserError, match="needs two documents"):  # named twice, still one document
+        spread_samples(tokenizer, [str(tmp_path / "a.txt"), str(tmp_path / "a.txt")], 64, per_document=3)
 
 
 def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):

@@ -300,8 +300,11 @@ class Trainer:
         self.data = PackedTokens(self.tokenizer, config.data, config.sample_tokens, self.out / "cache",
                                  exclude=tuple(config.exclude), progress=progress)
         self.common_tokens = common_tokens([self.data.tokens]) if config.focus else set()
-        self.val_ids = spread_samples(self.tokenizer, config.val_data, config.sample_tokens, config.val_samples) \
-            if config.val_every else None
+        self.held_out: list[ReadingSample] = []  # --val-data's fixed read samples, built once
+        if config.val_every:
+            ids = spread_samples(self.tokenizer, config.val_data, config.sample_tokens, config.val_samples)
+            self.held_out = book_reading_samples(torch.from_numpy(ids), config.chunk_size, config.target_tokens,
+                                                 [False] * len(ids), [config.recent_chunks] * len(ids))
         trainable = [p for p in self.embedder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup, config.steps)
@@ -426,14 +429,12 @@ class Trainer:
         between the rows and the target (where a long text's scored tokens sit) and the continuation as the target
         (never a reconstruction): ``k64_own_minus_foreign`` is the content the rows carry on text the run never trained
         on. Draws nothing at random (exact resume holds)."""
-        config, n = self.config, len(self.val_ids)
-        samples = book_reading_samples(torch.from_numpy(self.val_ids), config.chunk_size, config.target_tokens,
-                                       [False] * n, [config.recent_chunks] * n)
+        config, n = self.config, len(self.held_out)
         measured = {}
         with torch.no_grad(), self.accelerator.autocast():
             for k in sorted(set(config.ks)):
                 # no teacher: the own and the foreign readings are all it measures
-                _, metrics = reading_loss(self.llm, self.embedder, samples, [k] * n, config.chunk_size,
+                _, metrics = reading_loss(self.llm, self.embedder, self.held_out, [k] * n, config.chunk_size,
                                           ReadingWeights(distill=0.0), config.downscale)
                 measured.update({f"k{k}_{name}": value for name, value in metrics.items()})
         return measured

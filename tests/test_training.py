@@ -188,12 +188,18 @@ def test_two_processes_keep_the_schedule_and_draw_different_samples(tiny_path, t
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "two"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m",
-              "tests.two_processes", str(tiny_path), str(books), str(qa), str(out), "2"]
-    # ACCELERATE_USE_CPU: what `accelerate launch --cpu` sets; with torchrun's ranks accelerate takes gloo on the CPU
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=environment)
-    assert done.returncode == 0, done.stderr[-2000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(port), "-m", "tests.two_processes", str(tiny_path), str(books), str(qa), str(out), "2"]
+    # ACCELERATE_USE_CPU: what `accelerate launch --cpu` sets; with torchrun's ranks accelerate takes gloo on the CPU.
+    # GLOO_SOCKET_IFNAME=lo: gloo otherwise connects the ranks through the address the host name resolves to, not
+    # always the loopback. (A CI run hung for 300 s without a word, where not known; the run takes ~10 s. A hang now
+    # ends with every thread's traceback: tests.two_processes dumps them after 120 s.)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "GLOO_SOCKET_IFNAME": "lo"}
+    try:
+        done = subprocess.run(launch, capture_output=True, text=True, timeout=180, env=environment)
+    except subprocess.TimeoutExpired as hung:  # show where the processes stood, not only that they hung
+        pytest.fail(f"the two processes hung: {(hung.stderr or b'')[-3000:]!r}")
+    assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["processes"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [2, 2]
     # warm-up 2 of 4 steps: after 2 optimizer steps the rate is the peak; stepped twice per step it would be 0

@@ -4,6 +4,7 @@ samples on a tiny model, recording per process what it drew and the learning rat
 usage: python -m tests.two_processes MODEL BOOKS QA OUT [STOP_AT]
 """
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from rag.read_train import QAReading
 
 
 def main(model: str, books: str, qa: str, out: str, stop_at: str | None = None) -> None:
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang (the test waits 180 s) ends with where each rank stood
     config = TrainConfig(data=[books], out=out, model=model, num_layers=2, chunk_size=64, sample_tokens=128,
                          ks=[2, 4, 8], steps=4, warmup=2, lr=1e-3, save_every=1, objective="read", target_tokens=8, batch_size=2,
                          contrast=1.0)

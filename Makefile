@@ -119,7 +119,7 @@ eval-read: setup
 	$(EXTEMB) eval-qa --data out/qa/squad_heldout.jsonl $(QA)/fairytaleqa_val.jsonl $(READ_EVAL) \
 		--methods window,rag,rag:8,foreign:rag:8 --limit 100 --no-generate --json out/eval/read_qa.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(READ_EVAL) --context 3072 7680 --tail 512 --samples 4 \
-		--methods window,full,ext:8,foreign:ext:8,ext:64,foreign:ext:64 --json out/eval/read_ppl.json
+		--methods window,full,foreign:full,ext:8,foreign:ext:8,ext:64,foreign:ext:64 --json out/eval/read_ppl.json
 
 # The perplexity protocol on the held-out books (W = 1024, tail 512; 7680 + 512 = 8192 = SmolLM2's positions, so
 # full attention is the upper bound there; 25600 = 25W fits W = 1024 only at k >= 32 with 128-token chunks), the
@@ -132,11 +132,11 @@ eval-read: setup
 # ~90 minutes on 2 CPU cores, then eval-qa.
 HELD_OUT_FILES = $(foreach b,$(HELD_OUT),$(BOOKS)/$(b).txt)
 PLUGIN_ARG = $(if $(PLUGIN),--plugin $(PLUGIN))
+EVAL_METHODS = window,full,foreign:full,streaming,ext:4,ext:8,ext:16,ext:32,ext:64,ext:adaptive
+EVAL_METHODS := $(EVAL_METHODS),foreign:ext:8,foreign:ext:64
 eval: setup
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(PLUGIN_ARG) --window 1024 --context 1024 4096 7680 16384 25600 \
-		--tail 512 --samples 3 \
-		--methods window,full,streaming,ext:4,ext:8,ext:16,ext:32,ext:64,ext:adaptive,foreign:ext:8,foreign:ext:64 \
-		--json out/eval/ppl.json
+		--tail 512 --samples 3 --methods $(EVAL_METHODS) --json out/eval/ppl.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) $(PLUGIN_ARG) --window 1024 --context 1024 4096 7680 --tail 512 \
 		--samples 3 --methods window,ext:8,ext:16,ext:32 --policy session --json out/eval/ppl_session.json
 	$(EXTEMB) eval-ppl --data $(HELD_OUT_FILES) --window 1024 --context 4096 7680 --tail 512 --samples 3 \

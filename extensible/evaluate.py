@@ -12,6 +12,10 @@ Methods, all on the same samples:
   ``ext:K`` / ``ext:adaptive``, but the compressed rows are those of a span of the same length of another document
   (``donor_span``). ``ext:K - foreign:ext:K`` is what the content of the compressed rows is worth; where nothing is
   compressed (a context that fits the window) the two are the same.
+* ``foreign:full``: the content control of full attention itself -- the sample's last ``window`` tokens (what
+  ``window`` reads) and its tail as they are, every token before them taken from the donor span. ``full -
+  foreign:full`` is what the raw text before the window is worth as content -- the yardstick of what its rows
+  carry; ``window - foreign:full`` is what any text there gives (on books it costs: another book's text misleads).
 * ``recall:K`` / ``foreign:recall:K``: the reconstruction diagnostic -- the tail's whole chunks scored right after
   their own rows at k (nothing else before them), or after the rows of the donor span's last chunks. ``recall:K -
   foreign:recall:K`` says whether the LLM can decode rows at all: how much of a chunk its rows give back.
@@ -55,20 +59,22 @@ class Sample:
 
 
 FOREIGN = "foreign:"
+FOREIGN_FULL = FOREIGN + "full"
 DONOR_DRAWS = 20
 
 
 def parse_methods(text: str, base: tuple[str, ...] = BASE_METHODS, named_ext: tuple[str, ...] = ("adaptive",),
                   foreign: bool = False) -> list[str]:
     """Comma-separated methods: one of ``base``, ``ext:K`` (an integer K >= 1), or ``ext:<name>`` for ``named_ext``;
-    with ``foreign`` (eval-ppl), also ``recall:K`` and ``foreign:`` before any ext or recall method."""
+    with ``foreign`` (eval-ppl), also ``recall:K``, ``foreign:full`` and ``foreign:`` before any ext or recall
+    method."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
     named = [f"ext:{name}" for name in named_ext]
     choices = [*base, "ext:K", *named] + ([f"{FOREIGN}ext:K", *(FOREIGN + m for m in named), "recall:K",
-                                           f"{FOREIGN}recall:K"] if foreign else [])
+                                           f"{FOREIGN}recall:K", FOREIGN_FULL] if foreign else [])
     for method in methods:
         ext = method.removeprefix(FOREIGN) if foreign else method
-        if ext in named or (ext == method and method in base):
+        if ext in named or (ext == method and method in base) or (foreign and method == FOREIGN_FULL):
             continue
         prefix = next((p for p in ("ext:", "recall:") if ext.startswith(p) and (p == "ext:" or foreign)), None)
         if prefix:
@@ -169,7 +175,7 @@ class Protocol:
 
     def applicable(self, method: str, n_tokens: int) -> str | None:
         """None if the method can score a sample of ``n_tokens``; else why not."""
-        if method == "full" and n_tokens > self.positions:
+        if method in ("full", FOREIGN_FULL) and n_tokens > self.positions:
             return f"{n_tokens} tokens exceed the LLM's {self.positions} positions"
         if method.removeprefix(FOREIGN).startswith("recall:"):
             return None
@@ -190,6 +196,9 @@ class Protocol:
             raise UserError(f"{method} needs a donor span of {len(ids)} tokens")
         if method.removeprefix(FOREIGN).startswith("recall:"):
             return self._recall_score(ids, tail, self.k_for(method, len(ids)), donor)
+        if method == FOREIGN_FULL:  # the donor's text wherever window's context does not reach
+            near = max(0, len(ids) - 1 - lm.window)
+            return self._full_score(lm.llm, torch.cat([donor[:near], ids[near:-1]]), ids, tail)
         if method.startswith(FOREIGN):
             # score() reads compressed rows from ``full`` wherever it covers a chunk, and a donor as long as the
             # sample covers every chunk the layout compresses: the embedder never sees the sample's own chunks.
@@ -358,35 +367,46 @@ def markdown_report(rows: list[dict], per_sample: dict, baseline: str = "window"
 
 
 def _content_rows(per_sample: dict) -> list[str]:
-    """``ext:K - foreign:ext:K`` per context in mean NLL, and the share of full attention's gain over the window that
-    the rows' content recovers; no lines when no foreign method was run."""
+    """``ext:K - foreign:ext:K`` (and ``full - foreign:full``) per context in mean NLL, with the share of full
+    attention's gain over the window that the content recovers and, where ``foreign:full`` ran, the share of full
+    attention's own content; no lines when no foreign method was run."""
     pairs = [(method[len(FOREIGN) :], context) for method, context in per_sample if method.startswith(FOREIGN)]
     pairs = [(ext, context) for ext, context in pairs if (ext, context) in per_sample]
     if not pairs:
         return []
     lines = ["", "`ext:K` minus `foreign:ext:K` (the same layout, raw tokens and k; another document's compressed "
              "rows): the content the compressed rows carry, as the mean per-sample NLL difference in nats/token with "
-             "a 95% paired-bootstrap interval (negative = the document's own rows help). Share: (foreign - ext) / "
-             "(window - full) in mean NLL, the part of full attention's gain over the window that the content "
-             "recovers:",
-             "", "| difference | context | NLL difference | 95% interval | share of window - full |",
-             "|---|---:|---:|---|---:|"]
+             "a 95% paired-bootstrap interval (negative = the document's own rows help). `full - foreign:full` is the "
+             "same for the raw text before the window: its content read raw. Shares: (foreign - "
+             "own) / (window - full), the part of full attention's gain over the window that the content recovers, "
+             "and / (foreign:full - full), the part of the raw text's content:",
+             "", "| difference | context | NLL difference | 95% interval | share of window - full "
+             "| share of foreign:full - full |", "|---|---:|---:|---|---:|---:|"]
     for ext, context in pairs:
         own, foreign = per_sample[(ext, context)], per_sample[(FOREIGN + ext, context)]
         differences = own - foreign
         low, high = bootstrap_interval(differences)
         window, full = per_sample.get(("window", context)), per_sample.get(("full", context))
-        share = "-"
-        if ext.startswith("ext:") and window is not None and full is not None and window.mean() != full.mean():
-            share = f"{(foreign.mean() - own.mean()) / (window.mean() - full.mean()):.0%}"
+        shares = ["-", "-"]
+        if not ext.startswith("recall:"):  # recall scores the tail's chunks alone: no share of the tail's gains
+            shares[0] = _share(-differences.mean(), window, full)
+        if ext.startswith("ext:") and (FOREIGN_FULL, context) in per_sample:
+            shares[1] = _share(-differences.mean(), per_sample[(FOREIGN_FULL, context)], full)
         lines.append(f"| {ext} - {FOREIGN}{ext} | {context} | {differences.mean():+.4f} | [{low:+.4f}, {high:+.4f}] "
-                     f"| {share} |")
+                     f"| {shares[0]} | {shares[1]} |")
     return lines
 
 
+def _share(gain: float, worse: np.ndarray | None, better: np.ndarray | None) -> str:
+    """``gain`` as a share of ``worse - better`` in mean NLL; "-" when either is missing or they are level."""
+    if worse is None or better is None or worse.mean() == better.mean():
+        return "-"
+    return f"{gain / (worse.mean() - better.mean()):.0%}"
+
+
 def _far_rows(rows: list[dict], per_sample_far: dict) -> list[str]:
-    """Each method's mean NLL on the far tokens, and the content there: ``ext:K - foreign:ext:K`` over the samples
-    that have far tokens, with its share of ``window - full`` on the same samples."""
+    """Each method's mean NLL on the far tokens, and the content there: ``ext:K - foreign:ext:K`` (and ``full -
+    foreign:full``) over the samples that have far tokens, with its share of ``window - full`` on the same samples."""
     scored = [row for row in rows if row.get("far_tokens")]
     if not scored:
         return []
@@ -395,7 +415,7 @@ def _far_rows(rows: list[dict], per_sample_far: dict) -> list[str]:
              "| method | context | far tokens | far NLL |", "|---|---:|---:|---:|"]
     lines += [f"| {row['method']} | {row['context']} | {row['far_tokens']} | {row['far_nll']:.3f} |" for row in scored]
     pairs = [(method[len(FOREIGN) :], context) for method, context in per_sample_far if method.startswith(FOREIGN)]
-    pairs = [(ext, c) for ext, c in pairs if ext.startswith("ext:") and (ext, c) in per_sample_far]
+    pairs = [(ext, c) for ext, c in pairs if (ext.startswith("ext:") or ext == "full") and (ext, c) in per_sample_far]
     if pairs:
         lines += ["", "The content on the far tokens: per-sample mean NLL over them, samples without far tokens left "
                   "out; share: (foreign - ext) / (window - full) on the same samples:", "",
@@ -408,10 +428,8 @@ def _far_rows(rows: list[dict], per_sample_far: dict) -> list[str]:
             continue
         differences = own[keep] - foreign[keep]
         low, high = bootstrap_interval(differences)
-        window, full = per_sample_far.get(("window", context)), per_sample_far.get(("full", context))
-        share = "-"
-        if window is not None and full is not None and window[keep].mean() != full[keep].mean():
-            share = f"{-differences.mean() / (window[keep].mean() - full[keep].mean()):.0%}"
+        window, full = (per_sample_far.get((method, context)) for method in ("window", "full"))
+        share = _share(-differences.mean(), *(None if nll is None else nll[keep] for nll in (window, full)))
         lines.append(f"| {ext} - {FOREIGN}{ext} | {context} | {int(keep.sum())} | {differences.mean():+.4f} | "
                      f"[{low:+.4f}, {high:+.4f}] | {share} |")
     return lines

@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: window, full, streaming, pi, ntk, ext:K, ext:adaptive, foreign:ext:K, "
                     "foreign:ext:adaptive (the content control: ext's layout, raw tokens and k, with the compressed "
                     "rows of a same-length span of another --data document), recall:K and foreign:recall:K (the "
-                    "tail's whole chunks scored after their own rows at k, or another document's: reconstruction)")
+                    "tail's whole chunks scored after their own rows at k, or another document's: reconstruction), "
+                    "foreign:full (full attention with the donor's text before the window: the raw text's content)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the rows here (and a .md table and a .png plot beside it)")
     _model_args(ev)

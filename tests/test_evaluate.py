@@ -35,10 +35,12 @@ def test_bad_methods_are_refused(text):
 
 
 def test_foreign_methods_parse_only_for_eval_ppl():
-    methods = parse_methods("window,foreign:ext:4,foreign:ext:adaptive,recall:4,foreign:recall:4", foreign=True)
-    assert methods == ["window", "foreign:ext:4", "foreign:ext:adaptive", "recall:4", "foreign:recall:4"]
-    for text, foreign in [("foreign:ext:4", False), ("foreign:window", True), ("foreign:ext:0", True),
-                          ("recall:4", False), ("recall:x", True), ("foreign:recall:0", True)]:
+    methods = parse_methods("window,foreign:ext:4,foreign:ext:adaptive,recall:4,foreign:recall:4,foreign:full",
+                            foreign=True)
+    assert methods == ["window", "foreign:ext:4", "foreign:ext:adaptive", "recall:4", "foreign:recall:4",
+                       "foreign:full"]
+    for text, foreign in [("foreign:ext:4", False), ("foreign:full", False), ("foreign:window", True),
+                          ("foreign:ext:0", True), ("recall:4", False), ("recall:x", True), ("foreign:recall:0", True)]:
         with pytest.raises(UserError):
             parse_methods(text, foreign=foreign)
 
@@ -103,10 +105,32 @@ def test_foreign_reads_the_donor_rows_and_only_them(tiny_lm):
     assert np.array_equal(per_sample[("foreign:ext:4", 50)], per_sample[("ext:4", 50)])
     report = markdown_report(rows, per_sample)
     row = next(line for line in report.splitlines() if line.startswith("| ext:4 - foreign:ext:4 | 200 |"))
-    assert row.endswith("% |") and "nats/token" in report
+    assert row.endswith("% | - |") and "nats/token" in report  # foreign:full not run
     report = markdown_report(rows, per_sample, per_sample_far=far)
     with_far = int((~np.isnan(far[("ext:4", 200)])).sum())  # the samples the far content is measured on
     assert f"| ext:4 - foreign:ext:4 | 200 | {with_far} |" in report and "On the far tokens" in report
+
+
+def test_foreign_full_reads_the_donors_text_before_the_window_and_the_samples_own_after(tiny_lm):
+    docs = library()
+    methods = ["window", "full", "foreign:full", "ext:4", "foreign:ext:4"]
+    rows, per_sample, far = evaluate(Protocol(tiny_lm), docs, [200], methods, tail=32, per_document=2, progress=False,
+                                     common=5)
+    protocol, window = Protocol(tiny_lm), tiny_lm.window
+    for i, sample in enumerate(draw_samples(docs, 200, 32, 2)):  # 232 tokens: 135 before the window's 96
+        donor = donor_span(docs, sample, 200)
+        context = torch.cat([donor[: 232 - 1 - window], sample.ids[232 - 1 - window : -1]])
+        logits = tiny_lm.llm(context[None]).logits[0, -32:]
+        expected = torch.nn.functional.cross_entropy(logits.float(), sample.ids[-32:]).item()
+        assert per_sample[("foreign:full", 200)][i] == pytest.approx(expected, abs=1e-4)
+        # with the sample as its own donor it is full attention
+        own = protocol.score("foreign:full", sample.ids, 32, donor=sample.ids).mean_nll
+        assert own == pytest.approx(per_sample[("full", 200)][i], abs=1e-6)
+    assert not np.allclose(per_sample[("foreign:full", 200)], per_sample[("full", 200)])
+    report = markdown_report(rows, per_sample, per_sample_far=far)
+    assert "| full - foreign:full | 200 |" in report
+    ext = next(line for line in report.splitlines() if line.startswith("| ext:4 - foreign:ext:4 | 200 |"))
+    assert ext.count("% |") == 2  # shares of window - full and of foreign:full - full
 
 
 def test_recall_scores_the_tail_after_its_own_or_the_donors_rows(tiny_lm):

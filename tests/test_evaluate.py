@@ -114,9 +114,8 @@ def test_foreign_reads_the_donor_rows_and_only_them(tiny_lm):
 def test_foreign_full_reads_the_donors_text_before_the_window_and_the_samples_own_after(tiny_lm):
     docs = library()
     methods = ["window", "full", "foreign:full", "ext:4", "foreign:ext:4"]
-    rows, per_sample, far = evaluate(Protocol(tiny_lm), docs, [200], methods, tail=32, per_document=2, progress=False,
-                                     common=5)
     protocol, window = Protocol(tiny_lm), tiny_lm.window
+    rows, per_sample, far = evaluate(protocol, docs, [200], methods, tail=32, per_document=2, progress=False, common=5)
     for i, sample in enumerate(draw_samples(docs, 200, 32, 2)):  # 232 tokens: 135 before the window's 96
         donor = donor_span(docs, sample, 200)
         context = torch.cat([donor[: 232 - 1 - window], sample.ids[232 - 1 - window : -1]])

@@ -90,19 +90,20 @@ train-qa: setup
 		--qa $(QA_TRAIN)
 
 # The read stage (issue 19; extensible/reading.py, rag/read_train.py, jobs/read_recipe.py): samples whose evidence
-# exists only compressed -- a book chunk's rows then its continuation (or the chunk itself, a quarter of the time), and
-# a training question's gold chunk plus one other chunk of its document as rows then the question -- with the LLM's
-# next-token loss, KL to the same frozen LLM reading the evidence raw, and a hinge asking the own rows to beat another
-# document's at the same k. Warm-started from stage 3; only the embedder's LoRA and a residual row MLP
-# train. train-read: the CPU sizing (~25 s a step on one core); train-read-gpu: the same recipe sized for one GPU,
+# exists only compressed -- a book's chunks as rows, up to 8 raw chunks, then the continuation, and a training
+# question's gold chunk among 5 other chunks of its document as rows then the question -- with the LLM's next-token
+# loss, KL to the same frozen LLM reading the evidence raw, and a hinge asking the own rows to beat another
+# document's at the same k. `--far`: aimed at the rows' content at 8W (k = 64), from the shipped plug-in, its
+# held-out curve measured in 8W's layout; only the embedder's LoRA and a residual row MLP train. train-read: the CPU
+# sizing (~25 s a step on the 2 cores, runs/smollm2-read-8w); train-read-gpu: the same recipe sized for one GPU,
 # stopping itself after 7 minutes (on a lent device: `make train-read-gpu && cp -r runs/smollm2-read-gpu $$OUT/`).
 # Rerun to resume; MINUTES=N stops the CPU run cleanly after N minutes.
 train-read: setup
 	$(PY) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
-	$(PY) -m jobs.read_recipe $(if $(MINUTES),--max-minutes $(MINUTES))
+	$(PY) -m jobs.read_recipe --far $(if $(MINUTES),--max-minutes $(MINUTES))
 train-read-gpu:
 	$(PYTHON) -m jobs.qa_split --data $(QA)/squad_articles.jsonl --out out/qa
-	$(PYTHON) -m jobs.read_recipe --gpu
+	$(PYTHON) -m jobs.read_recipe --gpu --far
 # The reconstruction diagnostic (runs/smollm2-recall): can the LLM decode a chunk from its own rows at all?
 train-recall: setup
 	$(PY) -m jobs.read_recipe --recall $(if $(MINUTES),--max-minutes $(MINUTES))

@@ -107,6 +107,9 @@ class TrainConfig:
     val_data: list[str] = field(default_factory=list)
     val_every: int = 0
     val_samples: int = 4
+    # the held-out samples' length (0: sample_tokens): a long text's layout (8W: 104 rows at k = 64, 8 raw chunks,
+    # then the target) measured while the run trains on shorter, cheaper samples
+    val_tokens: int = 0
 
     def __post_init__(self):
         # Absolute paths, so that a resume from another working directory is recognised as the same data.
@@ -140,6 +143,10 @@ class TrainConfig:
         if self.val_every < 0 or self.val_samples < 1:
             raise UserError(f"--val-every must be >= 0 and --val-samples >= 1, got {self.val_every} and "
                             f"{self.val_samples}")
+        val_chunks = (self.val_tokens or self.sample_tokens) // self.chunk_size
+        if self.val_tokens and (self.val_tokens % self.chunk_size or val_chunks < self.recent_chunks + 2):
+            raise UserError(f"--val-tokens ({self.val_tokens}) must be a multiple of --chunk ({self.chunk_size}) "
+                            f"holding --recent-chunks + 2 chunks (one compressed, one predicted)")
         if self.val_every and (self.objective != "read" or not self.val_data):
             raise UserError("--val-every measures the read objective on --val-data: it needs --objective read and "
                             "--val-data")
@@ -302,7 +309,8 @@ class Trainer:
         self.common_tokens = common_tokens([self.data.tokens]) if config.focus else set()
         self.held_out: list[ReadingSample] = []  # --val-data's fixed read samples, built once
         if config.val_every:
-            ids = spread_samples(self.tokenizer, config.val_data, config.sample_tokens, config.val_samples)
+            ids = spread_samples(self.tokenizer, config.val_data, config.val_tokens or config.sample_tokens,
+                                 config.val_samples)
             self.held_out = book_reading_samples(torch.from_numpy(ids), config.chunk_size, config.target_tokens,
                                                  [False] * len(ids), [config.recent_chunks] * len(ids))
         trainable = [p for p in self.embedder.parameters() if p.requires_grad]

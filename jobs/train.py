@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=0, help="measure --val-data every this many steps (0: never)")
     p.add_argument("--val-samples", type=int, default=4,
                    help="evenly spaced samples per --val-data document (as many as the shortest holds)")
+    p.add_argument("--val-tokens", type=int, default=0,
+                   help="held-out samples' length (default --sample-tokens): measure a long text's layout, e.g. "
+                        "7808 = 8W's 104 rows at k = 64 with --recent-chunks 8 at --chunk 128")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (checkpointed) after this long")
     p.add_argument("--stop-at", type=int, default=None, help="stop cleanly (checkpointed) at this step")

@@ -198,10 +198,11 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     books.mkdir()
     (books / "one.txt").write_text(words(1, 300))
     (books / "two.txt").write_text(words(2, 300))
-    tiny = ["--gpu", "--model", str(tiny_path), "--init-from", "", "--data", str(books), "--exclude",
+    tiny = ["--gpu", "--far", "--model", str(tiny_path), "--init-from", "", "--data", str(books), "--exclude",
             "--qa", str(qa_file(tmp_path)), "--qa-questions", "2", "--layers", "2", "--chunk", "64",
-            "--sample-tokens", "128", "--target-tokens", "8", "--ks", "2", "4", "--k-curriculum", "2", "--row-mlp", "16", "--batch-size", "2",
-            "--steps", "3", "--max-minutes", "60", "--save-every", "1", "--val-data", str(books), "--val-every", "2"]
+            "--sample-tokens", "128", "--recent-chunks", "0", "--target-tokens", "8", "--ks", "2", "4",
+            "--k-curriculum", "2", "--row-mlp", "16", "--batch-size", "2", "--steps", "3", "--max-minutes", "60",
+            "--save-every", "1", "--val-data", str(books), "--val-every", "2", "--val-tokens", "256"]
     assert read_recipe([*tiny, "--out", str(tmp_path / "straight")]) == 0
     assert read_recipe([*tiny, "--out", str(tmp_path / "resumed"), "--stop-at", "1"]) == 0
     assert read_recipe([*tiny, "--out", str(tmp_path / "resumed")]) == 0
@@ -216,6 +217,7 @@ def test_the_gpu_recipe_runs_tiny_on_the_cpu_and_resumes_exactly(tiny_path, tmp_
     assert recorded["objective"] == "read" and recorded["objectives"]["qa_read"]
     assert recorded["contrast"] == 2 and recorded["margin"] == 0.5
     assert recorded["row_base"] == "token"  # the recipe's rows start as the kept tokens
+    assert recorded["val_tokens"] == 256  # the held-out curve in a longer layout than the samples'
 
 
 def test_a_read_run_with_recent_raw_chunks_resumes_exactly(tiny_path, tmp_path):
@@ -248,6 +250,20 @@ def test_a_read_run_with_recent_raw_chunks_resumes_exactly(tiny_path, tmp_path):
     gap = plot_content_gap(tmp_path / "measured")
     assert [step for step, _ in gap["val/k4_own_minus_foreign"]] == [0, 1, 2, 3]  # from the plug-in it starts with
     assert gap["val/k4_own_minus_foreign"][0][1] != gap["val/k4_own_minus_foreign"][-1][1]  # the plug-in moved
+
+
+def test_val_tokens_measures_a_longer_layout_than_the_run_trains_on(tiny_path, tmp_path):
+    from extensible.training import TrainConfig, Trainer
+
+    for name, seed in (("one", 11), ("two", 12)):
+        (tmp_path / f"{name}.txt").write_text(words(seed, 400))
+    config = dict(data=[str(tmp_path)], out=str(tmp_path / "out"), model=str(tiny_path), num_layers=2, chunk_size=32,
+                  sample_tokens=128, recent_chunks=2, ks=[4], objective="read", target_tokens=8, batch_size=2,
+                  val_data=[str(tmp_path)], val_every=10, val_samples=1)
+    for val_tokens, evidence_chunks in ((0, 1), (256, 5)):  # 4 or 8 chunks: the last predicted, 2 raw before it
+        held_out = Trainer(TrainConfig(**config, val_tokens=val_tokens), progress=False).held_out
+        assert [len(sample.evidence) for sample in held_out] == [evidence_chunks] * 2
+        assert [len(sample.after) for sample in held_out] == [2 * 32] * 2 and len(held_out[0].target) == 8
 
 
 def test_the_held_out_set_alternates_documents_so_that_the_next_sample_is_foreign(tiny, tmp_path):
@@ -288,8 +304,26 @@ def test_bad_read_settings_are_one_line_errors(tiny_path, tmp_path):
         TrainConfig(**{**base, "objective": "ar", "focus": 1.0})
     with pytest.raises(UserError, match="--val-every measures the read objective on --val-data"):
         TrainConfig(**base, val_every=5)
+    with pytest.raises(UserError, match="--val-tokens \\(40\\) must be a multiple of --chunk \\(16\\)"):
+        TrainConfig(**base, val_tokens=40)
+    with pytest.raises(UserError, match="--val-tokens \\(16\\) must be a multiple"):  # one chunk: nothing to predict
+        TrainConfig(**base, val_tokens=16)
     with pytest.raises(UserError, match="--val-every must be >= 0"):
         TrainConfig(**base, val_every=5, val_data=[str(tmp_path)], val_samples=0)
+
+
+def test_the_read_recipe_starts_from_the_shipped_plugin_and_measures_8w_layout():
+    from pathlib import Path
+
+    from jobs.read_recipe import CPU, FAR, FAR_CPU, GPU, RECIPE, SHIPPED
+    from jobs.train import build_parser
+
+    for sizing in (CPU + FAR + FAR_CPU, GPU + FAR):  # make train-read, make train-read-gpu
+        args, _ = build_parser().parse_known_args(RECIPE + sizing)  # the --qa options are train_read's
+        assert args.init_from == SHIPPED and (Path(SHIPPED) / "embedder.safetensors").is_file()
+        # held out: 8W's layout (context 7680 with a 1,024-token window): 6,656 tokens as rows, 1,024 raw, the target
+        assert args.val_tokens - (args.recent_chunks + 1) * args.chunk_size == 7680 - 1024
+        assert args.recent_chunks * args.chunk_size == 1024 and 64 in args.ks
 
 
 def test_the_recall_recipe_is_reconstruction_only_and_excludes_the_gpu_sizing(capsys):
@@ -299,7 +333,8 @@ def test_the_recall_recipe_is_reconstruction_only_and_excludes_the_gpu_sizing(ca
     args = vars(build_parser().parse_args(RECALL))
     assert args["reconstruct"] == 1 and args["distill"] == 0 and args["contrast"] == 0 and args["k_curriculum"] == 300
     assert set(args["exclude"]) >= {"austen_persuasion", "chesterton_thursday", "wells_war_of_the_worlds"}
-    assert read_recipe(["--gpu", "--recall"]) == 2 and "choose one" in capsys.readouterr().err
+    assert read_recipe(["--gpu", "--recall"]) == 2 and "--recall is a recipe of its own" in capsys.readouterr().err
+    assert read_recipe(["--far", "--recall"]) == 2 and "not with --gpu or --far" in capsys.readouterr().err
 
 
 def test_token_based_rows_start_as_the_kept_tokens_themselves(tiny):

@@ -143,8 +143,8 @@ class TrainConfig:
         if self.val_every < 0 or self.val_samples < 1:
             raise UserError(f"--val-every must be >= 0 and --val-samples >= 1, got {self.val_every} and "
                             f"{self.val_samples}")
-        val_chunks = (self.val_tokens or self.sample_tokens) // self.chunk_size
-        if self.val_tokens and (self.val_tokens % self.chunk_size or val_chunks < self.recent_chunks + 2):
+        if self.val_tokens and (self.val_tokens % self.chunk_size
+                                or self.val_tokens // self.chunk_size < self.recent_chunks + 2):
             raise UserError(f"--val-tokens ({self.val_tokens}) must be a multiple of --chunk ({self.chunk_size}) "
                             f"holding --recent-chunks + 2 chunks (one compressed, one predicted)")
         if self.val_every and (self.objective != "read" or not self.val_data):

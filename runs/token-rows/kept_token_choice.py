@@ -19,17 +19,16 @@ import torch
 from extensible.evaluate import bootstrap_interval, donor_span, draw_samples
 from extensible.plugins import load_extensible
 from extensible.text import tokenize
+from jobs.read_recipe import BOOKS, HELD_OUT  # the read stage's held-out books
 
-BOOKS = Path("../shared/data/books")
-HELD_OUT = ["austen_persuasion", "chesterton_thursday", "wells_war_of_the_worlds"]
 CONTEXT, TAIL, PER_DOCUMENT = 7680, 512, 4
 CHOICES = ("strided", "rare", "surprisal")
 
 plugin, k = sys.argv[1], int(sys.argv[2])
 lm = load_extensible(plugin=plugin, window=1024)
-documents = {name: tokenize(lm.tokenizer, (BOOKS / f"{name}.txt").read_text()) for name in HELD_OUT}
+documents = {name: tokenize(lm.tokenizer, (Path(BOOKS) / f"{name}.txt").read_text()) for name in HELD_OUT}
 counts = collections.Counter()
-for path in sorted(BOOKS.glob("*.txt")):
+for path in sorted(Path(BOOKS).glob("*.txt")):
     if path.stem not in HELD_OUT:
         counts.update(tokenize(lm.tokenizer, path.read_text()).tolist())
 
